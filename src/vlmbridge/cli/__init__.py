@@ -1,0 +1,1 @@
+"""The `vlmbridge` command line: thin commands over the library, errors turned into one red line."""

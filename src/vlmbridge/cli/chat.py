@@ -1,0 +1,159 @@
+"""`vlmbridge chat` (one answer from a model folder, streamed) and `vlmbridge demo`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vlmbridge.cli.console import err_console, out_console, stage_printer
+from vlmbridge.cli.options import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DTypeOpt,
+    MaxPixelsOpt,
+    TrustRemoteCodeOpt,
+    settings_from,
+)
+from vlmbridge.errors import ImageInputError
+from vlmbridge.media.decode import DecodedImage, decode_image
+from vlmbridge.settings import Settings
+
+MAX_IMAGE_FILE_BYTES = 50 * 1024 * 1024
+
+
+def _read_image(path: Path, index: int) -> DecodedImage:
+    param = f"--image #{index + 1}"
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_FILE_BYTES:
+            raise ImageInputError(f"{path} is {size} bytes, more than {MAX_IMAGE_FILE_BYTES}", param=param)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageInputError(f"image {path} does not exist", param=param) from None
+    except IsADirectoryError:
+        raise ImageInputError(f"image {path} is a folder, not a file", param=param) from None
+    except PermissionError:
+        raise ImageInputError(f"no permission to read image {path}", param=param) from None
+    try:
+        return decode_image(data, param=param)
+    except ImageInputError as exc:
+        raise ImageInputError(f"{path}: {exc.message}", param=param) from None
+
+
+def run_chat(
+    settings: Settings,
+    model_dir: Path,
+    prompt: str,
+    images: list[Path],
+    *,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+) -> None:
+    from vlmbridge.engine.embedded import EngineLimits, TransformersEngine
+    from vlmbridge.engine.types import (
+        ChatMessage,
+        GenerationRequest,
+        ImagePart,
+        PixelBudget,
+        SamplingParams,
+        TextPart,
+    )
+    from vlmbridge.loader import load_model
+
+    decoded = [_read_image(p, i) for i, p in enumerate(images)]  # fail on a bad image before loading
+    loaded = load_model(model_dir, settings.load_options(), progress=stage_printer())
+    engine = TransformersEngine(
+        loaded,
+        model_id=loaded.folder.path.name,
+        limits=EngineLimits(context_length=settings.context_length, default_max_new_tokens=settings.max_new_tokens),
+    )
+    engine.start(warm_up=False)
+    budget = PixelBudget(max_pixels=settings.max_pixels, min_pixels=settings.min_pixels)
+    parts: tuple[ImagePart | TextPart, ...] = (*(ImagePart(d, budget) for d in decoded), TextPart(prompt))
+    messages = (*((ChatMessage("system", system),) if system else ()), ChatMessage("user", parts))
+    request = GenerationRequest(
+        messages=messages,
+        sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed),
+        max_tokens_explicit=max_tokens is not None,
+    )
+    started = time.perf_counter()
+    first: float | None = None
+    try:
+        for chunk in engine.generate(request):
+            if chunk.error is not None:
+                raise chunk.error
+            if first is None:
+                first = time.perf_counter()
+            if chunk.reasoning:
+                out_console.print(chunk.reasoning, end="", style="dim italic", markup=False)
+            if chunk.text:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            if chunk.finish_reason is not None and chunk.usage is not None:
+                elapsed = time.perf_counter() - started
+                u = chunk.usage
+                sys.stdout.write("\n")
+                err_console.print(
+                    f"[{loaded.model_class} · {u.prompt_tokens} prompt tokens ({u.image_tokens} image) · "
+                    f"{u.completion_tokens} tokens in {elapsed:.2f}s "
+                    f"({u.completion_tokens / max(elapsed, 1e-9):.1f} tok/s) "
+                    f"· first token {((first or started) - started) * 1000:.0f} ms · finish: {chunk.finish_reason}]",
+                    style="dim",
+                    markup=False,
+                )
+    finally:
+        engine.shutdown()
+
+
+def chat(
+    model_dir: Annotated[Path, typer.Argument(metavar="MODEL", help="Model folder (the one holding config.json).")],
+    prompt: Annotated[str, typer.Argument(help="What to ask.")],
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", "-i", help="Image file to show the model. Repeatable.")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Most tokens to generate.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(min=0.0, max=2.0, help="0 = greedy; default from generation_config.json.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    dtype: DTypeOpt = None,
+    device: DeviceOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    allow_pickle_weights: AllowPickleOpt = None,
+) -> None:
+    """One answer from a model folder, streamed to the terminal — the quickest proof the model sees the image."""
+    settings = settings_from(
+        dtype=dtype,
+        device=device,
+        max_pixels=max_pixels,
+        trust_remote_code=trust_remote_code,
+        allow_pickle_weights=allow_pickle_weights,
+    )
+    run_chat(
+        settings, model_dir, prompt, list(image or []), system=system, max_tokens=max_tokens, temperature=temperature,
+        seed=seed,
+    )  # fmt: skip
+
+
+def demo(
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(metavar="[MODEL]", help="A model folder to use instead of the built-in tiny demo model."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 24,
+) -> None:
+    """Build the tiny demo model (first run only), show it a generated picture and stream its answer."""
+    from vlmbridge.demo import demo_assets
+
+    settings = Settings()
+    folder, picture = demo_assets(settings.cache_dir, model_dir)
+    err_console.print(f"model: {folder}\npicture: {picture}", style="dim", markup=False)
+    run_chat(settings, folder, "What is in this picture?", [picture], max_tokens=max_tokens, temperature=0.0)

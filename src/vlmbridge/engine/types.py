@@ -1,0 +1,124 @@
+"""What goes into an engine and what comes out: plain Python types, no HTTP, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlmbridge.media.decode import DecodedImage
+
+__all__ = [
+    "ChatMessage",
+    "FinishReason",
+    "GenerationChunk",
+    "GenerationRequest",
+    "ImagePart",
+    "PixelBudget",
+    "SamplingParams",
+    "TextPart",
+    "TokenLogprob",
+    "Usage",
+]
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    """Bounds on H×W after resizing; None means the processor's own default."""
+
+    max_pixels: int
+    min_pixels: int | None = None
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    image: DecodedImage
+    budget: PixelBudget
+
+
+Content = str | tuple[TextPart | ImagePart, ...]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: Content
+    reasoning_content: str | None = None
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        if isinstance(self.content, str):
+            return ()
+        return tuple(p for p in self.content if isinstance(p, ImagePart))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. None = take the model's generation_config.json default."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+    # Absolute time.monotonic() deadline; the engine stops the request (finish "error") once it passes.
+    deadline: float | None = None
+    # Whether max_new_tokens came from the caller (then a context overflow is an error, not a silent cap).
+    max_tokens_explicit: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    token_bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step's worth of output. The last chunk of a request has finish_reason and usage set."""
+
+    text: str = ""
+    reasoning: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: Exception | None = None
+    # Monotonic timestamps for metrics: when the prompt finished prefilling (first chunk only).
+    prefill_done_at: float | None = None

@@ -1,0 +1,123 @@
+"""Typed errors raised by vlmbridge.
+
+Every failure a user can cause or meet has a class here, with a one-line message and, where there is one, the
+exact fix. Edges (the CLI, the HTTP server) map these classes once; nothing below them knows about exit codes
+or status codes.
+
+    VlmbridgeError
+    ├── ModelFolderError        path missing, not a folder, empty, config.json missing/invalid
+    ├── UnsupportedModelError   model_type unknown to the installed transformers, or not a generative model
+    ├── RemoteCodeRefusedError  config has auto_map and the folder is not allowlisted with matching pins
+    ├── UnsafeWeightsError      only pickle (.bin) weights and they were not explicitly allowed
+    ├── DeviceError             device or dtype not available here
+    ├── ModelLoadError          transformers failed while loading; carries the classified cause
+    ├── InvalidRequestError     bad input from a caller (carries `param`)
+    │   ├── ImageInputError     undecodable image, refused URL, over a size/pixel/count limit
+    │   └── ContextLengthError  prompt (image tokens included) longer than the context
+    ├── NotSupportedError       a feature that is planned but not implemented (carries `param`)
+    ├── ModelNotFoundError      a request named a model this server does not serve
+    ├── QueueFullError          the engine's waiting queue is full
+    ├── RequestTimeoutError     a request ran past its deadline
+    └── EngineNotReadyError     the engine is loading, failed to load or is shutting down
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ContextLengthError",
+    "DeviceError",
+    "EngineNotReadyError",
+    "ImageInputError",
+    "InvalidRequestError",
+    "ModelFolderError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "NotSupportedError",
+    "QueueFullError",
+    "RemoteCodeRefusedError",
+    "RequestTimeoutError",
+    "UnsafeWeightsError",
+    "UnsupportedModelError",
+    "VlmbridgeError",
+]
+
+
+class VlmbridgeError(Exception):
+    """Base class: `message` is one line for humans, `fix` the exact remedy when we know one."""
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ModelFolderError(VlmbridgeError):
+    """The model path is missing, not a folder, empty, or lacks a readable config.json."""
+
+
+class UnsupportedModelError(VlmbridgeError):
+    """The installed transformers cannot build this architecture (or it is not a text generator)."""
+
+
+class RemoteCodeRefusedError(VlmbridgeError):
+    """The folder needs remote code (`auto_map`) that is not allowlisted and pinned."""
+
+
+class UnsafeWeightsError(VlmbridgeError):
+    """Only pickle `.bin` weights are present and loading them was not explicitly allowed."""
+
+
+class DeviceError(VlmbridgeError):
+    """The requested device or dtype does not exist or is not usable here."""
+
+
+class ModelLoadError(VlmbridgeError):
+    """transformers raised while loading; `cause` is the classified reason (see `vlmbridge explain`)."""
+
+    def __init__(self, message: str, *, fix: str | None = None, cause: str = "unknown") -> None:
+        super().__init__(message, fix=fix)
+        self.cause = cause
+
+
+class InvalidRequestError(VlmbridgeError):
+    """The caller sent something we cannot use; `param` names the offending field."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ImageInputError(InvalidRequestError):
+    """An image could not be fetched, decoded or fitted within the limits."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt, image tokens included, does not fit the context window."""
+
+
+class NotSupportedError(VlmbridgeError):
+    """A planned feature that this version does not implement yet."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFoundError(VlmbridgeError):
+    """The request names a model this server does not serve."""
+
+
+class QueueFullError(VlmbridgeError):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+class RequestTimeoutError(VlmbridgeError):
+    """The request did not finish within its deadline."""
+
+
+class EngineNotReadyError(VlmbridgeError):
+    """The engine is not (or no longer) able to take requests."""

@@ -1,0 +1,1 @@
+"""Image input: decoding with limits, the guarded URL fetcher and pixel budgets."""

@@ -1,0 +1,115 @@
+"""All configuration in one pydantic-settings model: CLI flags and `VLMBRIDGE_*` environment variables.
+
+CLI commands pass only the flags the user gave as init arguments, so flags override the environment, which
+overrides the defaults. Every field has a description (it becomes `--help` text and docs) and bounds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from vlmbridge.loader import LoadOptions
+
+__all__ = ["DTypeName", "Settings", "parse_remote_code_pin"]
+
+DTypeName = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vlmbridge"
+
+
+def parse_remote_code_pin(spec: str) -> tuple[str, dict[str, str]]:
+    """Parse `DIR=FILE:SHA256[,FILE:SHA256...]` (the CLI form of one allowlist entry)."""
+    folder, sep, pins = spec.rpartition("=")
+    if not sep or not folder or not pins:
+        raise ValueError(f"expected DIR=FILE:SHA256[,FILE:SHA256...], got {spec!r}")
+    parsed: dict[str, str] = {}
+    for item in pins.split(","):
+        name, colon, digest = item.strip().partition(":")
+        digest = digest.strip().lower()
+        if not colon or not name or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"pin {item!r} is not FILE:SHA256 (64 hex digits)")
+        parsed[name.strip()] = digest
+    return folder, parsed
+
+
+class Settings(BaseSettings):
+    """vlmbridge settings. Environment variables: `VLMBRIDGE_<FIELD>` (lists and mappings as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="VLMBRIDGE_", extra="forbid", validate_default=True)
+
+    # --- loading -----------------------------------------------------------------------------------------
+    model: Path | None = Field(None, description="Model folder (the one holding config.json).")
+    dtype: DTypeName = Field(
+        "auto",
+        description="Weights dtype; auto = the checkpoint's stored dtype where the device supports it.",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel transformers uses."
+    )
+    allow_pickle_weights: bool = Field(
+        False, description="Allow loading pickle .bin weights (unsafe: pickle can run code). Off by default."
+    )
+    trust_remote_code: Annotated[dict[str, dict[str, str]], NoDecode] = Field(
+        default_factory=dict,
+        description="Remote-code allowlist: folder → {file.py: sha256}. JSON in the environment; "
+        "DIR=FILE:SHA256[,FILE:SHA256] on the command line (repeatable).",
+    )
+
+    cache_dir: Path = Field(
+        default_factory=lambda: _default_cache_dir(),
+        description="Where vlmbridge keeps what it builds (the demo model and picture).",
+    )
+
+    # --- generation ----------------------------------------------------------------------------------------
+    context_length: int | None = Field(
+        None, ge=16, le=1 << 21, description="Context window in tokens; default min(model maximum, 32768)."
+    )
+    max_new_tokens: int = Field(
+        512, ge=1, le=131072, description="Default completion length when a request does not set one."
+    )
+    max_pixels: int = Field(
+        1024 * 1024,
+        ge=3136,
+        le=16384 * 32 * 32,
+        description="Largest pixel budget per image (H×W after resizing); caps image tokens and memory.",
+    )
+    min_pixels: int | None = Field(
+        None, ge=1024, description="Smallest pixel budget per image; default: the processor's own."
+    )
+
+    def load_options(self) -> LoadOptions:
+        from vlmbridge.loader import LoadOptions
+
+        return LoadOptions(
+            dtype=self.dtype,
+            device=self.device,
+            attn_implementation=self.attn_implementation,
+            allow_pickle_weights=self.allow_pickle_weights,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    @field_validator("trust_remote_code", mode="before")
+    @classmethod
+    def _parse_pins(cls, value: object) -> object:
+        # Environment gives a JSON string; the CLI gives a list of DIR=FILE:SHA specs.
+        if isinstance(value, str):
+            import json
+
+            return json.loads(value) if value.strip() else {}
+        if isinstance(value, list | tuple):
+            entries: dict[str, dict[str, str]] = {}
+            for spec in value:
+                folder, pins = parse_remote_code_pin(str(spec))
+                entries.setdefault(folder, {}).update(pins)
+            return entries
+        return value

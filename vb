@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# vlmbridge developer entry point. Creates the project venv (.venv) on first use, keeps it in sync with
+# pyproject.toml, then runs the command:
+#   ./vb demo [MODEL_DIR]   serve the built-in tiny model (or yours) and ask it about a picture
+#   ./vb test               lint, type-check and run the test suite
+#   ./vb run ARGS...        any vlmbridge command, e.g. ./vb run doctor /models/Qwen3-VL-8B-Instruct
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV="${VLMBRIDGE_VENV:-.venv}"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+# torch is large and pip on the dev machines serves these builds from local disk: pin them here, once.
+TORCH_PINS="${VLMBRIDGE_TORCH_PINS:-torch==2.14.1 torchvision==0.29.1}"
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating $VENV with $($PYTHON --version)" >&2
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+  fi
+  local stamp="$VENV/.vlmbridge-installed" want
+  want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+      echo "installing $TORCH_PINS (large, once)" >&2
+      # shellcheck disable=SC2086
+      "$VENV/bin/python" -m pip install --quiet $TORCH_PINS >&2
+    fi
+    echo "installing vlmbridge and its dev tools" >&2
+    "$VENV/bin/python" -m pip install --quiet -e ".[dev]" >&2
+    echo "$want" >"$stamp"
+  fi
+}
+
+cmd="${1:-help}"
+shift || true
+case "$cmd" in
+  demo)
+    ensure_venv
+    exec "$VENV/bin/vlmbridge" demo "$@"
+    ;;
+  test)
+    ensure_venv
+    "$VENV/bin/ruff" check src tests benchmarks
+    "$VENV/bin/ruff" format --check src tests benchmarks
+    "$VENV/bin/mypy"
+    # Exit code 5 = no tests collected (e.g. a filtered run): not a failure of the code under test.
+    "$VENV/bin/python" -m pytest "$@" || { rc=$?; [ "$rc" -eq 5 ] && exit 0; exit "$rc"; }
+    ;;
+  run)
+    ensure_venv
+    exec "$VENV/bin/vlmbridge" "$@"
+    ;;
+  *)
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    [ "$cmd" = help ] || exit 2
+    ;;
+esac
