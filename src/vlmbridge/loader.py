@@ -236,15 +236,19 @@ def load_model(
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder.path, trust_remote_code=remote)
 
         say(f"loading weights as {str(dtype).removeprefix('torch.')} on {device}")
-        model, info = auto_cls.from_pretrained(
-            folder.path,
-            dtype=dtype,
-            device_map={"": device},
-            attn_implementation=options.attn_implementation,
-            trust_remote_code=remote,
-            output_loading_info=True,
-            **weights,
+        load_kwargs: dict[str, Any] = dict(
+            dtype=dtype, device_map={"": device}, trust_remote_code=remote, output_loading_info=True, **weights
         )
+        try:
+            model, info = auto_cls.from_pretrained(
+                folder.path, attn_implementation=options.attn_implementation, **load_kwargs
+            )
+        except ValueError as exc:
+            # Architectures without an SDPA path (often remote code) still run with eager attention.
+            if options.attn_implementation != "sdpa" or "does not support an attention implementation" not in str(exc):
+                raise
+            log.warning("%s does not support sdpa attention; using eager", folder.path)
+            model, info = auto_cls.from_pretrained(folder.path, attn_implementation="eager", **load_kwargs)
         model.eval()
         _check_loading_info(folder, info)
     except VlmbridgeError:

@@ -340,7 +340,10 @@ class TransformersEngine:
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.loaded.model.config)
+        try:
+            return DynamicCache(config=self.loaded.model.config)
+        except (AttributeError, TypeError, ValueError):  # remote-code configs may lack the layer fields
+            return DynamicCache()
 
     def _join_batch(self, seq: _Sequence, cache: Any, mask: Any) -> None:
         import torch

@@ -1,0 +1,5 @@
+"""`python -m vlmbridge` — same as the `vlmbridge` command."""
+
+from vlmbridge.cli.app import main
+
+main()
