@@ -24,3 +24,17 @@ def image_question(
     image: DecodedImage, text: str = "What is in this picture?", max_pixels: int = 1024 * 1024
 ) -> tuple[ChatMessage, ...]:
     return (ChatMessage("user", (ImagePart(image, PixelBudget(max_pixels=max_pixels)), TextPart(text))),)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width×height (a decompression-bomb shape): only the header is real."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )

@@ -170,10 +170,11 @@ def test_cancel_stops_within_one_step(engine_for) -> None:  # type: ignore[no-un
     it = iter(stream)
     next(it)
     stream.cancel()
-    steps_at_cancel = engine.steps
+    steps_at_cancel = engine.stats.decode_steps
     rest = list(it)
     assert rest[-1].finish_reason == "cancelled"
-    assert engine.steps - steps_at_cancel <= 1
+    assert engine.stats.decode_steps - steps_at_cancel <= 1
+    assert engine.stats.steps_after_cancel <= 1
     assert rest[-1].usage is not None and rest[-1].usage.completion_tokens < 5000
     time.sleep(0.05)
     assert engine.active_count() == 0

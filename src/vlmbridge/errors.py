@@ -16,6 +16,8 @@ or status codes.
     │   └── ContextLengthError  prompt (image tokens included) longer than the context
     ├── NotSupportedError       a feature that is planned but not implemented (carries `param`)
     ├── ModelNotFoundError      a request named a model this server does not serve
+    ├── AuthenticationError     missing or wrong API key
+    ├── PayloadTooLargeError    the request body is over the limit
     ├── QueueFullError          the engine's waiting queue is full
     ├── RequestTimeoutError     a request ran past its deadline
     └── EngineNotReadyError     the engine is loading, failed to load or is shutting down
@@ -24,6 +26,7 @@ or status codes.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "ContextLengthError",
     "DeviceError",
     "EngineNotReadyError",
@@ -33,6 +36,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "NotSupportedError",
+    "PayloadTooLargeError",
     "QueueFullError",
     "RemoteCodeRefusedError",
     "RequestTimeoutError",
@@ -109,6 +113,14 @@ class NotSupportedError(VlmbridgeError):
 
 class ModelNotFoundError(VlmbridgeError):
     """The request names a model this server does not serve."""
+
+
+class AuthenticationError(VlmbridgeError):
+    """The request lacks a valid API key."""
+
+
+class PayloadTooLargeError(VlmbridgeError):
+    """The request body is larger than the server accepts."""
 
 
 class QueueFullError(VlmbridgeError):

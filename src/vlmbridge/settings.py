@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -86,6 +86,61 @@ class Settings(BaseSettings):
     min_pixels: int | None = Field(
         None, ge=1024, description="Smallest pixel budget per image; default: the processor's own."
     )
+
+    low_detail_pixels: int = Field(
+        512 * 512, ge=3136, description="Pixel budget for images sent with OpenAI detail=low."
+    )
+
+    # --- serving -------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server (set an API key).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0 = any free port).")
+    served_model_name: str | None = Field(
+        None, max_length=256, description="Model name clients use; default: the model folder's name."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (Authorization: Bearer KEY). Empty = no auth. "
+        "Environment: comma-separated or a JSON list.",
+    )
+    skip_doctor: bool = Field(False, description="Start even if `vlmbridge doctor` finds errors in the folder.")
+    max_images: int = Field(8, ge=0, le=256, description="Most images in one request (all messages together).")
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, le=1 << 30, description="Largest image file (downloaded or base64-decoded)."
+    )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, le=1 << 31, description="Largest request body; larger ones get 413."
+    )
+    allow_image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts, IPs or CIDRs image URLs may point to even if private or loopback "
+        "(e.g. Dify's file server). Comma-separated or JSON in the environment.",
+    )
+    allow_local_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Directories whose files image_url may reference. Off by default."
+    )
+    image_fetch_timeout: float = Field(15.0, gt=0, le=600, description="Seconds allowed for downloading one image URL.")
+    image_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
+    request_timeout: float = Field(
+        600.0, gt=0, le=86400, description="Seconds a request may take from arrival to its last token."
+    )
+    max_queue: int = Field(64, ge=1, le=100000, description="Requests waiting for the engine; more get 429.")
+    max_batch_size: int = Field(1, ge=1, le=256, description="Requests decoded together.")
+    keepalive_interval: float = Field(
+        10.0, gt=0, le=300, description="Seconds between SSE keep-alive comments while a stream waits."
+    )
+
+    @field_validator("api_keys", "allow_image_hosts", "allow_local_dirs", mode="before")
+    @classmethod
+    def _parse_list(cls, value: object) -> object:
+        # Environment variables arrive as one string: a JSON list or comma-separated values.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [v.strip() for v in text.split(",") if v.strip()]
+        return value
 
     def load_options(self) -> LoadOptions:
         from vlmbridge.loader import LoadOptions

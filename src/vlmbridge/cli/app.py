@@ -25,11 +25,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from vlmbridge.cli import chat, tiny
+    from vlmbridge.cli import chat, serve, tiny
 
-    app.command("tiny-model")(tiny.tiny_model)
+    app.command("demo")(serve.demo)
+    app.command("serve")(serve.serve)
     app.command("chat")(chat.chat)
-    app.command("demo")(chat.demo)
+    app.command("tiny-model")(tiny.tiny_model)
 
 
 _register()

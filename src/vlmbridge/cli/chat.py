@@ -1,4 +1,4 @@
-"""`vlmbridge chat` (one answer from a model folder, streamed) and `vlmbridge demo`."""
+"""`vlmbridge chat`: one answer from a model folder, streamed to the terminal."""
 
 from __future__ import annotations
 
@@ -141,19 +141,3 @@ def chat(
         settings, model_dir, prompt, list(image or []), system=system, max_tokens=max_tokens, temperature=temperature,
         seed=seed,
     )  # fmt: skip
-
-
-def demo(
-    model_dir: Annotated[
-        Path | None,
-        typer.Argument(metavar="[MODEL]", help="A model folder to use instead of the built-in tiny demo model."),
-    ] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 24,
-) -> None:
-    """Build the tiny demo model (first run only), show it a generated picture and stream its answer."""
-    from vlmbridge.demo import demo_assets
-
-    settings = Settings()
-    folder, picture = demo_assets(settings.cache_dir, model_dir)
-    err_console.print(f"model: {folder}\npicture: {picture}", style="dim", markup=False)
-    run_chat(settings, folder, "What is in this picture?", [picture], max_tokens=max_tokens, temperature=0.0)

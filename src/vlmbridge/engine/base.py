@@ -92,14 +92,22 @@ class RequestStream:
             assert isinstance(item, GenerationChunk)
             yield item
 
+    async def next(self, timeout: float | None = None) -> GenerationChunk | None:
+        """The next chunk, or None after the last one. Raises TimeoutError if none arrives within `timeout`.
+
+        Waiting can be abandoned (timeout, cancellation) without losing a chunk.
+        """
+        assert self._async_q is not None, "async reading needs a stream created inside the event loop"
+        item = await asyncio.wait_for(self._async_q.get(), timeout)
+        if item is self._END:
+            self._async_q.put_nowait(item)  # stay at the end for further calls
+            return None
+        assert isinstance(item, GenerationChunk)
+        return item
+
     async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
-        assert self._async_q is not None, "async iteration needs a stream created inside the event loop"
-        while True:
-            item = await self._async_q.get()
-            if item is self._END:
-                return
-            assert isinstance(item, GenerationChunk)
-            yield item
+        while (chunk := await self.next()) is not None:
+            yield chunk
 
 
 class Engine(Protocol):

@@ -44,7 +44,7 @@ from vlmbridge.errors import (
 )
 from vlmbridge.loader import LoadedModel
 
-__all__ = ["EngineLimits", "PreparedRequest", "TransformersEngine"]
+__all__ = ["EngineLimits", "EngineStats", "PreparedRequest", "TransformersEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,17 @@ class EngineLimits:
     default_max_new_tokens: int = 512
     max_batch_size: int = 1
     max_queue: int = 64
+
+
+@dataclass
+class EngineStats:
+    """Counters for metrics (read from other threads; ints are updated atomically under the GIL)."""
+
+    decode_steps: int = 0
+    cancelled: int = 0
+    # Decode steps a request took part in after its client had already cancelled: at most one per request,
+    # because cancellation is checked before every step.
+    steps_after_cancel: int = 0
 
 
 @dataclass
@@ -133,7 +144,7 @@ class TransformersEngine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
-        self.steps = 0  # decode steps run (for tests and metrics)
+        self.stats = EngineStats()
 
     # --- Engine interface -------------------------------------------------------------------------------
     @property
@@ -373,6 +384,7 @@ class TransformersEngine:
             deadline = seq.prepared.request.deadline
             if seq.stream.cancelled:
                 seq.finish = "cancelled"
+                self.stats.cancelled += 1
                 seq.stream.push(GenerationChunk(finish_reason="cancelled", usage=self._usage(seq)))
             elif deadline is not None and now > deadline:
                 self._fail(seq, RequestTimeoutError("the request ran past its timeout"))
@@ -403,9 +415,11 @@ class TransformersEngine:
                 self._fail(seq, exc)
             self._drop_finished()
             return
-        self.steps += 1
+        self.stats.decode_steps += 1
         logits = out.logits[:, -1, :]
         for row, seq in enumerate(self._active):
+            if seq.stream.cancelled:
+                self.stats.steps_after_cancel += 1
             seq.text_pos += 1
             seq.rope_pos += 1
             token, lp = seq.sampler.choose(logits[row])
@@ -434,7 +448,7 @@ class TransformersEngine:
         seq.generated += 1
         seq.sampler.observe(token)
         text = ""
-        if token in self._eos:
+        if token in self._eos and not seq.prepared.request.sampling.ignore_eos:
             seq.finish = "stop"
         else:
             text = seq.stopper.feed(seq.decoder.add(token))

@@ -75,6 +75,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    # Keep generating past end-of-sequence until max_new_tokens (benchmarks; vLLM has the same extension).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,13 @@ def decode_image(data: bytes, *, param: str = "image", max_pixels: int = MAX_DEC
             param=param,
             code="invalid_image",
         ) from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise ImageInputError(
+            f"image claims more than {max_pixels} pixels (decompression bomb guard)",
+            param=param,
+            code="image_too_large",
+        ) from None
+    except (OSError, ValueError) as exc:
         raise ImageInputError(f"image could not be decoded: {exc}", param=param, code="invalid_image") from None
     fmt = img.format or "unknown"
     width, height = img.size

@@ -1,0 +1,67 @@
+"""The app factory: `create_app(settings, slot)` wires routes, limits, auth, metrics and error mapping.
+
+No module-level state: everything the routes need lives on `app.state.vlm` (an AppState), created here and
+torn down by the lifespan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from vlmbridge import __version__
+from vlmbridge.server.convert import ImageLoader
+from vlmbridge.server.errors import install_error_handlers
+from vlmbridge.server.limits import BodySizeLimit
+from vlmbridge.server.metrics import Metrics, MetricsMiddleware
+from vlmbridge.server.routes import chat, info
+from vlmbridge.server.state import AppState, EngineSlot
+from vlmbridge.settings import Settings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader | None = None) -> FastAPI:
+    """An ASGI app serving `slot`'s model. The slot starts loading when the app starts (lifespan)."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sources = None
+        if load_image is None:
+            from vlmbridge.media.sources import ImageSources, policy_from_settings
+
+            sources = ImageSources(policy_from_settings(settings))
+        loader: ImageLoader = load_image or (lambda url, param: sources.load(url, param=param))  # type: ignore[union-attr]
+        app.state.vlm = AppState(settings=settings, slot=slot, metrics=metrics, load_image=loader)
+        app.state.started_at = time.time()
+        metrics.bind_engine(
+            queue_depth=lambda: float(e.queue_depth()) if (e := slot.peek()) else 0.0,
+            stats=lambda: getattr(slot.peek(), "stats", None),
+            ready=lambda: 1.0 if slot.state == "ready" else 0.0,
+        )
+        slot.start()
+        try:
+            yield
+        finally:
+            if sources is not None:
+                await sources.aclose()
+            slot.shutdown()
+
+    app = FastAPI(
+        title="vlmbridge",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(info.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,32 @@
+"""Settings → an EngineSlot that loads the model folder with the embedded transformers engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmbridge.engine.base import Engine
+from vlmbridge.server.state import EngineSlot
+from vlmbridge.settings import Settings
+
+__all__ = ["build_slot", "served_name"]
+
+
+def served_name(settings: Settings, path: Path) -> str:
+    return settings.served_model_name or path.resolve().name
+
+
+def build_slot(settings: Settings, path: Path) -> EngineSlot:
+    def make() -> Engine:
+        from vlmbridge.engine.embedded import EngineLimits, TransformersEngine
+        from vlmbridge.loader import load_model
+
+        loaded = load_model(path, settings.load_options())
+        limits = EngineLimits(
+            context_length=settings.context_length,
+            default_max_new_tokens=settings.max_new_tokens,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+        )
+        return TransformersEngine(loaded, served_name(settings, path), limits)
+
+    return EngineSlot(served_name(settings, path), factory=make)

@@ -1,0 +1,89 @@
+"""Prometheus metrics, kept in a registry per app (no process-global state, so tests can run several apps)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vlmbridge_requests", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "vlmbridge_request_latency_seconds", "Time from arrival to the last byte.", ["endpoint"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "vlmbridge_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            buckets=_TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("vlmbridge_prompt_tokens", "Prompt tokens, image tokens included.", registry=r)
+        self.image_tokens = Counter("vlmbridge_image_tokens", "Image tokens in prompts.", registry=r)
+        self.completion_tokens = Counter("vlmbridge_completion_tokens", "Generated tokens.", registry=r)
+        self.in_flight = Gauge("vlmbridge_requests_in_flight", "Chat requests being handled.", registry=r)
+        self.queue_depth = Gauge("vlmbridge_queue_depth", "Requests waiting for the engine.", registry=r)
+        self.decode_steps = Gauge("vlmbridge_decode_steps", "Decode steps the engine has run.", registry=r)
+        self.cancelled = Gauge(
+            "vlmbridge_cancelled_requests", "Requests stopped because the client went away.", registry=r
+        )
+        self.steps_after_cancel = Gauge(
+            "vlmbridge_decode_steps_after_cancel",
+            "Decode steps requests took part in after their client went away (at most one each).",
+            registry=r,
+        )
+        self.model_ready = Gauge("vlmbridge_model_ready", "1 when the model is loaded and warmed up.", registry=r)
+
+    def bind_engine(
+        self, queue_depth: Callable[[], float], stats: Callable[[], object], ready: Callable[[], float]
+    ) -> None:
+        self.queue_depth.set_function(queue_depth)
+        self.model_ready.set_function(ready)
+        self.decode_steps.set_function(lambda: float(getattr(stats(), "decode_steps", 0)))
+        self.cancelled.set_function(lambda: float(getattr(stats(), "cancelled", 0)))
+        self.steps_after_cancel.set_function(lambda: float(getattr(stats(), "steps_after_cancel", 0)))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every response by endpoint and status, and times it to the last body byte (streams included)."""
+
+    _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in self._ENDPOINTS else "other"  # bounded label values
+        started = time.monotonic()
+        status = 500
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.metrics.requests.labels(endpoint, str(status)).inc()
+                self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+            await send(message)
+
+        await self.app(scope, receive, observing_send)

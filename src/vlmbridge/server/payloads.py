@@ -1,0 +1,124 @@
+"""Engine output → OpenAI response objects and SSE framing (exactly the shapes the openai client and Dify parse).
+
+SSE events are `data: <json>\\n\\n` with LF only; every JSON chunk carries `choices` (possibly empty), and the
+stream ends with `data: [DONE]`. Keep-alive comments (`: keep-alive`) are skipped by Dify's and OpenAI's parsers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmbridge.engine.types import GenerationChunk, TokenLogprob, Usage
+
+__all__ = ["DONE", "KEEPALIVE", "Completion", "sse", "usage_dict"]
+
+DONE = "data: [DONE]\n\n"
+KEEPALIVE = ": keep-alive\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens, "image_tokens": usage.image_tokens},
+    }
+
+
+def _logprob_entry(lp: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": list(lp.token_bytes),
+        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(b)} for t, v, b in lp.top],
+    }
+
+
+@dataclass
+class Completion:
+    """Builds the response (non-stream) or the chunks (stream) of one chat completion."""
+
+    id: str
+    model: str
+    created: int
+    want_logprobs: bool = False
+    include_usage: bool = False
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.text.append(chunk.text)
+        self.reasoning.append(chunk.reasoning)
+        self.logprobs.extend(_logprob_entry(lp) for lp in chunk.logprobs)
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+            self.usage = chunk.usage
+
+    # --- non-stream -----------------------------------------------------------------------------------------
+    def response(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
+        reasoning = "".join(self.reasoning)
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        usage = self.usage or Usage(0, 0)
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": {"content": self.logprobs} if self.want_logprobs else None,
+                    "finish_reason": self.finish_reason,
+                }
+            ],
+            "usage": usage_dict(usage),
+        }
+
+    # --- stream ---------------------------------------------------------------------------------------------
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            payload["usage"] = None
+        return payload
+
+    def role_event(self) -> str:
+        return sse(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+
+    def delta_events(self, chunk: GenerationChunk) -> list[str]:
+        events: list[str] = []
+        delta: dict[str, Any] = {}
+        if chunk.text:
+            delta["content"] = chunk.text
+        if chunk.reasoning:
+            delta["reasoning_content"] = chunk.reasoning
+        entries = [_logprob_entry(lp) for lp in chunk.logprobs] if self.want_logprobs else []
+        if delta or entries:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+            if self.want_logprobs:
+                choice["logprobs"] = {"content": entries}
+            events.append(sse(self._chunk([choice])))
+        if chunk.finish_reason in ("stop", "length"):
+            events.append(sse(self._chunk([{"index": 0, "delta": {}, "finish_reason": chunk.finish_reason}])))
+            if self.include_usage and chunk.usage is not None:
+                final = self._chunk([])
+                final["usage"] = usage_dict(chunk.usage)
+                events.append(sse(final))
+        return events

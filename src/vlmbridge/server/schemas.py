@@ -1,0 +1,176 @@
+"""The OpenAI chat-completions request, validated strictly: unknown fields are a 400 that names them.
+
+A few fields Dify or the openai client send routinely are accepted and ignored (see IGNORED_FIELDS); features we
+plan but do not have yet (tools, video, structured output) are refused by name with "not supported yet".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vlmbridge.errors import NotSupportedError
+
+__all__ = ["ChatCompletionRequest", "ContentPart", "ImageURL", "Message"]
+
+# Sent by clients as a matter of course; they do not change what we generate.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+_NOT_YET = {
+    "tools": "tool calling is not supported yet (planned)",
+    "tool_choice": "tool calling is not supported yet (planned)",
+    "functions": "function calling is not supported yet (planned)",
+    "function_call": "function calling is not supported yet (planned)",
+    "logit_bias": "logit_bias is not supported yet",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+}
+MAX_STOP = 16
+MAX_STOP_LEN = 512
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageURL(_Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_types(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        kind = value.get("type")
+        if kind in ("video_url", "video", "input_video"):
+            raise NotSupportedError("video input is not supported yet (planned)", param="content.type")
+        if kind in ("input_audio", "audio_url", "file"):
+            raise NotSupportedError(f"content parts of type {kind!r} are not supported", param="content.type")
+        if kind == "image_url" and isinstance(value.get("image_url"), str):
+            value = {**value, "image_url": {"url": value["image_url"]}}  # vLLM-style shorthand
+        return value
+
+    @model_validator(mode="after")
+    def _fields_match_type(self) -> ContentPart:
+        if self.type == "text":
+            if self.text is None or self.image_url is not None:
+                raise ValueError("a text part needs 'text' and nothing else")
+        elif self.type == "image_url":
+            if self.image_url is None or self.text is not None:
+                raise ValueError("an image_url part needs 'image_url' and nothing else")
+        else:
+            raise ValueError(f"unknown content part type {self.type!r} (use 'text' or 'image_url')")
+        return self
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, max_length=256)
+    reasoning_content: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> Message:
+        if self.tool_calls:
+            raise NotSupportedError("tool calling is not supported yet (planned)", param="messages.tool_calls")
+        if self.role == "tool":
+            raise NotSupportedError("tool messages are not supported yet (planned)", param="messages.role")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role != "user" and isinstance(self.content, list) and any(p.type != "text" for p in self.content):
+            raise ValueError(f"images are only allowed in user messages, not in {self.role} messages")
+        return self
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_Strict):
+    model: str = Field(min_length=1, max_length=512)
+    messages: list[Message] = Field(min_length=1, max_length=4096)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 = off")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    ignore_eos: bool = Field(False, description="extension (as in vLLM): generate until max_tokens")
+    max_pixels: int | None = Field(None, ge=1, description="extension: per-request pixel budget per image")
+    min_pixels: int | None = Field(None, ge=1, description="extension: per-request minimum pixels per image")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _screen_fields(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for name, reason in _NOT_YET.items():
+            present = value.get(name)
+            if present not in (None, [], {}, "none", "auto") or (name == "tool_choice" and present == "required"):
+                raise NotSupportedError(reason, param=name)
+        return {k: v for k, v in value.items() if k not in IGNORED_FIELDS and k not in _NOT_YET}
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounds(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_LEN for s in stops):
+            raise ValueError(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_LEN} characters")
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs_bounds(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and (len(value) > 32 or len(repr(value)) > 16384):
+            raise ValueError("chat_template_kwargs is too large")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.response_format is not None and self.response_format.type != "text":
+            raise NotSupportedError(
+                f"response_format {self.response_format.type!r} is not supported yet (structured output is planned)",
+                param="response_format",
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        return self
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens

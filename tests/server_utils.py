@@ -1,0 +1,76 @@
+"""Running the real app with uvicorn on a free port for tests."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from openai import AsyncOpenAI, OpenAI
+
+from tests.helpers import png_bytes
+from vlmbridge.server import create_app
+from vlmbridge.server.factory import build_slot
+from vlmbridge.server.runner import ServerThread
+from vlmbridge.server.state import EngineSlot
+from vlmbridge.settings import Settings
+
+MODEL = "tiny"
+
+
+@dataclass
+class Server:
+    base_url: str
+    slot: EngineSlot
+    settings: Settings
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def openai(self, api_key: str = "none") -> OpenAI:
+        return OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
+
+    def async_openai(self, api_key: str = "none") -> AsyncOpenAI:
+        return AsyncOpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
+
+    def post(self, body: Any, timeout: float = 120, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.v1}/chat/completions", json=body, timeout=timeout, **kwargs)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.base_url}/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+@contextmanager
+def running(folder: Path, slot: EngineSlot | None = None, **settings: Any) -> Iterator[Server]:
+    cfg = Settings(served_model_name=MODEL, **settings)
+    slot = slot or build_slot(cfg, folder)
+    with ServerThread(create_app(cfg, slot)) as base_url:
+        slot.wait_loaded(120)
+        yield Server(base_url=base_url, slot=slot, settings=cfg)
+
+
+def data_url(width: int = 320, height: int = 240, seed: int | None = 0) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(width, height, seed)).decode()
+
+
+def image_message(url: str, text: str = "What is in this picture?", detail: str = "high") -> list[dict[str, Any]]:
+    """Dify's shape: image parts (always with detail) before the text."""
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url, "detail": detail}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
