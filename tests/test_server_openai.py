@@ -155,3 +155,24 @@ def test_per_request_max_pixels_extension(tiny_model: TinyFactory) -> None:
         r = server.post(body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 64  # 256×256 → 8×8 merged patches
+
+
+def test_thinking_output_goes_to_reasoning_content(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The Thinking template opens <think> for the answer: until </think> the text is reasoning, not content."""
+    from vlmbridge.tiny.builder import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("think") / "m", "qwen3_vl", variant="thinking")
+    with running(folder) as server:
+        body = {"model": MODEL, "messages": image_message(data_url()), "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        r = server.post(body).json()
+        message = r["choices"][0]["message"]
+        assert message["content"] == "" and message["reasoning_content"]
+        events = server.openai().chat.completions.create(
+            model=MODEL, messages=image_message(data_url()), max_tokens=6, temperature=0, stream=True,  # type: ignore[arg-type]
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        streamed = "".join(
+            (e.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for e in events if e.choices
+        )
+    assert streamed == message["reasoning_content"]

@@ -170,3 +170,32 @@ def test_template_renders_like_official(
 def test_sibling_families_share_their_template(family: str) -> None:
     sibling = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl_moe": "qwen3_vl"}[family]
     assert chat_template_for(family) == chat_template_for(sibling)
+
+
+THINKING_CASES: list[tuple[list[dict[str, Any]], dict[str, Any], str]] = [
+    (
+        [{"role": "user", "content": "Hi"}],
+        {"add_generation_prompt": True},
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n",
+    ),
+    (
+        THINK,
+        {},
+        "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nR2\n</think>\n\nA2<|im_end|>\n",
+    ),
+    (
+        [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": [{"type": "text", "text": "A1"}]}],
+        {"add_generation_prompt": True},
+        "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nA1<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n",
+    ),
+]
+
+
+@pytest.mark.parametrize(("messages", "kwargs", "expected"), THINKING_CASES)
+def test_thinking_template_renders_like_official(
+    messages: list[dict[str, Any]], kwargs: dict[str, Any], expected: str
+) -> None:
+    template = chat_template_for("qwen3_vl", "thinking")
+    assert render_jinja_template([messages], chat_template=template, **kwargs)[0][0] == expected

@@ -25,6 +25,9 @@ def tiny_model(
     ] = "official",
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty folder.")] = False,
+    thinking: Annotated[
+        bool, typer.Option(help="Qwen3-VL Thinking chat template (answers open with <think>).")
+    ] = False,
 ) -> None:
     """Build a tiny checkpoint with a real architecture, tokenizer, processor and chat template (no download)."""
     from vlmbridge.tiny.builder import FAMILY_NAMES, Layout, Size, build_tiny_model
@@ -51,6 +54,7 @@ def tiny_model(
             layout=layout_name,
             seed=seed,
             overwrite=overwrite,
+            variant="thinking" if thinking else "instruct",
         )
     files = sorted(p.name for p in path.iterdir())
     out_console.print(

@@ -23,9 +23,10 @@ from typing import Any, Literal
 
 from vlmbridge.families import FAMILIES, family_for
 
-__all__ = ["FAMILY_NAMES", "Layout", "Size", "TinySpec", "build_tiny_model", "chat_template_for"]
+__all__ = ["FAMILY_NAMES", "Layout", "Size", "TinySpec", "Variant", "build_tiny_model", "chat_template_for"]
 
 Layout = Literal["official", "transformers"]
+Variant = Literal["instruct", "thinking"]
 Size = Literal["tiny", "small"]
 FAMILY_NAMES = tuple(FAMILIES)
 
@@ -101,8 +102,9 @@ _DIMS: dict[str, _Dims] = {
 }
 
 
-def chat_template_for(family: str) -> str:
-    return files("vlmbridge.tiny").joinpath("templates", _TEMPLATE_FILE[family]).read_text(encoding="utf-8")
+def chat_template_for(family: str, variant: Variant = "instruct") -> str:
+    name = "qwen3_vl_thinking.jinja" if variant == "thinking" else _TEMPLATE_FILE[family]
+    return files("vlmbridge.tiny").joinpath("templates", name).read_text(encoding="utf-8")
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -250,8 +252,12 @@ def build_tiny_model(
     layout: Layout = "transformers",
     seed: int = 0,
     overwrite: bool = False,
+    variant: Variant = "instruct",
 ) -> Path:
-    """Write a tiny checkpoint of `family` to `out` and return the folder."""
+    """Write a tiny checkpoint of `family` to `out` and return the folder.
+
+    `variant="thinking"` (Qwen3-VL families) uses the Thinking template, whose answers open with `<think>`.
+    """
     import torch
     import transformers
 
@@ -264,6 +270,8 @@ def build_tiny_model(
         raise ValueError(f"unknown layout {layout!r}; choose official or transformers")
     if shards < 1:
         raise ValueError("shards must be >= 1")
+    if variant == "thinking" and family not in ("qwen3_vl", "qwen3_vl_moe"):
+        raise ValueError("the thinking variant exists for qwen3_vl and qwen3_vl_moe only")
     spec = TinySpec(family=family, size=size, shards=shards, layout=layout, seed=seed)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -276,7 +284,7 @@ def build_tiny_model(
 
     tiny_tok = build_tokenizer(_DIMS[size].vocab)
     tok = tiny_tok.tokenizer
-    tok.chat_template = chat_template_for(family)
+    tok.chat_template = chat_template_for(family, variant)
     if family in _MODEL_MAX_LENGTH:
         tok.model_max_length = _MODEL_MAX_LENGTH[family]
     ids = {t: tiny_tok.token_id(t) for t in tiny_tok.vocab if t.startswith("<|")}
@@ -291,6 +299,8 @@ def build_tiny_model(
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         **_GENERATION_DEFAULTS[family],
     )
+    if variant == "thinking":  # the Thinking repos' recommended sampling
+        gen.temperature, gen.top_p = 1.0, 0.95
     model.generation_config = gen
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staging = Path(tmp)
