@@ -25,12 +25,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from vlmbridge.cli import chat, serve, tiny
+    from vlmbridge.cli import chat, doctor, explain, serve, tiny
 
     app.command("demo")(serve.demo)
     app.command("serve")(serve.serve)
     app.command("chat")(chat.chat)
     app.command("tiny-model")(tiny.tiny_model)
+    app.command("doctor")(doctor.doctor)
+    app.command("explain")(explain.explain_command)
 
 
 _register()
@@ -57,12 +59,11 @@ def main(argv: list[str] | None = None) -> Any:
     except VlmbridgeError as exc:
         print_error(exc)
         sys.exit(1)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # usage errors (click's, or typer's bundled copy) and anything unexpected
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         if os.environ.get("VLMBRIDGE_DEBUG"):
             raise
         print_error(exc)
