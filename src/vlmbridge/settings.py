@@ -124,7 +124,13 @@ class Settings(BaseSettings):
         600.0, gt=0, le=86400, description="Seconds a request may take from arrival to its last token."
     )
     max_queue: int = Field(64, ge=1, le=100000, description="Requests waiting for the engine; more get 429.")
-    max_batch_size: int = Field(1, ge=1, le=256, description="Requests decoded together.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together (continuous batching).")
+    max_prefill_tokens: int = Field(
+        8192, ge=16, le=1 << 20, description="Prompt tokens prefilled in one pass; bounds prefill memory."
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="When idle, wait this long for more requests to prefill them together."
+    )
     keepalive_interval: float = Field(
         10.0, gt=0, le=300, description="Seconds between SSE keep-alive comments while a stream waits."
     )

@@ -1,10 +1,10 @@
 """The embedded engine: transformers models driven step by step on one dedicated worker thread.
 
 All model calls happen on that thread (CUDA graphs and some kernels keep per-thread state, and it keeps the
-event loop free). Requests are prepared (chat template, image processing) on the caller's thread, queued, then
-prefilled and decoded by the worker, which checks cancellation and deadlines before every step. Sequences
-share one left-padded KV cache, so the decode loop already runs batches; how many requests join is
-`max_batch_size`.
+event loop free). Requests are prepared (chat template, image processing) on the caller's thread and queued.
+The worker prefills waiting requests together (left-padded, images of any size), then decodes every running
+request in one batch; new requests join at step boundaries (continuous batching). Cancellation and deadlines
+are checked before every step, so a client that goes away costs at most the step already running.
 """
 
 from __future__ import annotations
@@ -15,33 +15,26 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlmbridge.engine import kv
 from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
+from vlmbridge.engine.batch import RunningBatch, pack_prompts, prefill_positions
 from vlmbridge.engine.prompt import ModelInputs, PromptBuilder
 from vlmbridge.engine.sampling import Sampler, resolve_sampling
+from vlmbridge.engine.sequence import Sequence
 from vlmbridge.engine.textstream import IncrementalDecoder, ReasoningSplitter, StopMatcher, token_text_table
 from vlmbridge.engine.types import (
     ChatMessage,
-    FinishReason,
     GenerationChunk,
     GenerationRequest,
     ImagePart,
     PixelBudget,
     SamplingParams,
     TextPart,
-    Usage,
 )
-from vlmbridge.errors import (
-    ContextLengthError,
-    EngineNotReadyError,
-    InvalidRequestError,
-    QueueFullError,
-    RequestTimeoutError,
-    VlmbridgeError,
-)
+from vlmbridge.errors import ContextLengthError, EngineNotReadyError, QueueFullError, RequestTimeoutError
 from vlmbridge.loader import LoadedModel
 
 __all__ = ["EngineLimits", "EngineStats", "PreparedRequest", "TransformersEngine"]
@@ -53,8 +46,12 @@ log = logging.getLogger(__name__)
 class EngineLimits:
     context_length: int | None = None  # None: min(model maximum, 32768)
     default_max_new_tokens: int = 512
-    max_batch_size: int = 1
+    max_batch_size: int = 8
     max_queue: int = 64
+    # Prompt tokens prefilled in one forward pass (bounds prefill activation memory); one prompt always fits.
+    max_prefill_tokens: int = 8192
+    # When idle, wait this long for more requests so a burst is prefilled together.
+    batch_wait_s: float = 0.005
 
 
 @dataclass
@@ -62,10 +59,12 @@ class EngineStats:
     """Counters for metrics (read from other threads; ints are updated atomically under the GIL)."""
 
     decode_steps: int = 0
+    prefill_batches: int = 0
     cancelled: int = 0
     # Decode steps a request took part in after its client had already cancelled: at most one per request,
     # because cancellation is checked before every step.
     steps_after_cancel: int = 0
+    max_batch_seen: int = 0
 
 
 @dataclass
@@ -80,25 +79,6 @@ class PreparedRequest:
 class _Queued:
     prepared: PreparedRequest
     stream: RequestStream
-
-
-@dataclass
-class _Sequence:
-    prepared: PreparedRequest
-    stream: RequestStream
-    sampler: Sampler
-    decoder: IncrementalDecoder
-    stopper: StopMatcher
-    splitter: ReasoningSplitter
-    text_pos: int = 0  # real tokens in the cache (text position of the next token)
-    rope_pos: int = 0  # rotary position of the next token (differs from text_pos after images in M-RoPE)
-    next_token: int = -1
-    generated: int = 0
-    finish: FinishReason | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self.prepared.request.request_id
 
 
 class TransformersEngine:
@@ -124,20 +104,19 @@ class TransformersEngine:
         )
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else []
-        self._eos = set(eos if isinstance(eos, list) else [eos])
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
         if loaded.tokenizer.eos_token_id is not None:
-            self._eos.add(int(loaded.tokenizer.eos_token_id))
-        self._pad_id = next(iter(sorted(self._eos)), 0) if gen.pad_token_id is None else int(gen.pad_token_id)
+            eos_ids.add(int(loaded.tokenizer.eos_token_id))
+        self._eos = frozenset(eos_ids)
+        self._pad_id = int(gen.pad_token_id) if gen.pad_token_id is not None else min(self._eos, default=0)
         self._token_text = token_text_table(loaded.tokenizer)
         self._vocab = int(getattr(text_cfg, "vocab_size", 0) or len(loaded.tokenizer))
         inner = getattr(model, "model", None)
         self._rope_index = getattr(inner, "get_rope_index", None)  # M-RoPE models (all Qwen-VL families)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._queue: queue.Queue[_Queued] = queue.Queue(maxsize=self.limits.max_queue)
-        self._active: list[_Sequence] = []
-        self._cache: Any = None
-        self._mask: Any = None
+        self._held: list[_Queued] = []  # taken from the queue but over this step's prefill budget
+        self._batch = RunningBatch()
         self._state: EngineState = "loading"
         self._reason = "starting"
         self._stop = threading.Event()
@@ -160,10 +139,10 @@ class TransformersEngine:
         return self._reason
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._held)
 
     def active_count(self) -> int:
-        return len(self._active)
+        return len(self._batch)
 
     def start(self, *, warm_up: bool = True) -> None:
         if self._thread is not None:
@@ -183,13 +162,13 @@ class TransformersEngine:
         self._state, self._reason = "ready", "ready"
 
     def _warm_up(self) -> None:
+        import io
+
         from vlmbridge.media.decode import decode_image
         from vlmbridge.tiny.images import demo_picture
 
         parts: list[TextPart | ImagePart] = [TextPart("Hi")]
         if self.prompts.is_vlm:
-            import io
-
             buf = io.BytesIO()
             demo_picture(64, 64).save(buf, format="PNG")
             parts.insert(0, ImagePart(decode_image(buf.getvalue()), PixelBudget(max_pixels=64 * 64 * 4)))
@@ -216,11 +195,8 @@ class TransformersEngine:
                     code="context_length_exceeded",
                 )
             wanted = room
-        rid = request.request_id or f"req-{next(self._ids)}"
-        if rid != request.request_id:
-            from dataclasses import replace
-
-            request = replace(request, request_id=rid)
+        if not request.request_id:
+            request = replace(request, request_id=f"req-{next(self._ids)}")
         return PreparedRequest(request=request, inputs=inputs, max_new_tokens=wanted)
 
     def submit(self, prepared: PreparedRequest, *, warm_up: bool = False) -> RequestStream:
@@ -254,99 +230,110 @@ class TransformersEngine:
 
         with torch.inference_mode():
             while not self._stop.is_set():
-                admitted = self._admit()
-                if not self._active and not admitted:
+                if not self._batch and not self._held and self._queue.empty():
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                    if self.limits.batch_wait_s and not self._stop.is_set():
+                        time.sleep(self.limits.batch_wait_s)  # let a burst arrive and be prefilled together
                     continue
-                for item in admitted:
-                    self._prefill(item)
-                if self._active:
+                admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
+                if self._batch:
                     self._decode_step()
-        for seq in self._active:
-            self._fail(seq, EngineNotReadyError("server is shutting down"))
-        self._drain_queue()
-
-    def _drain_queue(self) -> None:
+        stopping = EngineNotReadyError("server is shutting down")
+        for seq in self._batch.seqs:
+            seq.fail(stopping)
+        for q in self._held:
+            q.stream.push(GenerationChunk(finish_reason="error", error=stopping))
         while True:
             try:
                 q = self._queue.get_nowait()
             except queue.Empty:
                 return
-            q.stream.push(GenerationChunk(finish_reason="error", error=EngineNotReadyError("server is shutting down")))
+            q.stream.push(GenerationChunk(finish_reason="error", error=stopping))
 
     def _admit(self) -> list[_Queued]:
-        room = self.limits.max_batch_size - len(self._active)
+        """Waiting requests that fit the free batch rows and one prefill's token budget."""
+        room = self.limits.max_batch_size - len(self._batch)
         taken: list[_Queued] = []
+        tokens = 0
         while room > 0:
-            try:
-                q = self._queue.get_nowait()
-            except queue.Empty:
-                break
+            if self._held:
+                q = self._held.pop(0)
+            else:
+                try:
+                    q = self._queue.get_nowait()
+                except queue.Empty:
+                    break
             if q.stream.cancelled:
                 q.stream.push(GenerationChunk(finish_reason="cancelled"))
                 continue
+            size = q.prepared.inputs.prompt_tokens
+            if taken and tokens + size > self.limits.max_prefill_tokens:
+                self._held.insert(0, q)  # first in line for the next step
+                break
             taken.append(q)
+            tokens += size
             room -= 1
         return taken
 
-    def _new_sequence(self, q: _Queued) -> _Sequence:
+    def _sequence(self, q: _Queued) -> Sequence:
         prepared = q.prepared
         resolved = resolve_sampling(prepared.request.sampling, self.loaded.model.generation_config)
-        return _Sequence(
+        return Sequence(
             prepared=prepared,
             stream=q.stream,
             sampler=Sampler(resolved, prepared.inputs.input_ids, self._vocab, self.loaded.device, self._token_text),
             decoder=IncrementalDecoder(self.loaded.tokenizer),
             stopper=StopMatcher(prepared.request.sampling.stop),
             splitter=ReasoningSplitter(prepared.inputs.ends_in_think_block),
+            eos=self._eos,
         )
 
-    def _prefill(self, q: _Queued) -> None:
-        import torch
-
-        seq = self._new_sequence(q)
-        model = self.loaded.model
+    def _prefill(self, admitted: list[_Queued]) -> None:
+        seqs = [self._sequence(q) for q in admitted]
         try:
-            tensors = {
-                k: v.to(self.loaded.device) if hasattr(v, "to") else v for k, v in seq.prepared.inputs.tensors.items()
-            }
-            ids = tensors["input_ids"]
-            length = int(ids.shape[1])
-            text_pos = torch.arange(length, device=ids.device).view(1, -1)
-            if self._rope_index is not None:
-                rope, delta = self._rope_index(
-                    ids,
-                    mm_token_type_ids=tensors.get("mm_token_type_ids", torch.zeros_like(ids)),
-                    image_grid_thw=tensors.get("image_grid_thw"),
-                    video_grid_thw=tensors.get("video_grid_thw"),
-                    attention_mask=tensors.get("attention_mask"),
-                )
-                position_ids = torch.cat([text_pos[None], rope], dim=0)
-                seq.rope_pos = length + int(delta.reshape(-1)[0])
-            else:
-                position_ids = text_pos
-                seq.rope_pos = length
-            seq.text_pos = length
-            cache = self._new_cache()
-            out = model(
-                **tensors,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kw: cache},
-            )
-            logits = out.logits[0, -1]
-        except Exception as exc:  # one bad prompt must not take the engine down
-            log.exception("prefill failed for %s", seq.request_id)
-            self._fail(seq, exc)
+            self._prefill_together(seqs)
             return
-        prefill_done = time.monotonic()
-        token, lp = seq.sampler.choose(logits)
-        self._emit(seq, token, lp, prefill_done_at=prefill_done)
-        if seq.finish is None:
-            seq.next_token = token
-            self._join_batch(seq, cache, torch.ones((1, length), dtype=torch.long, device=ids.device))
+        except Exception as exc:
+            if len(seqs) == 1:
+                log.exception("prefill failed for %s", seqs[0].request_id)
+                seqs[0].fail(exc)
+                return
+            # One bad prompt must not fail its neighbours: retry them one by one.
+            log.warning("batched prefill of %d requests failed (%s); retrying one by one", len(seqs), exc)
+        for seq in seqs:
+            try:
+                self._prefill_together([seq])
+            except Exception as exc:
+                log.exception("prefill failed for %s", seq.request_id)
+                seq.fail(exc)
+
+    def _prefill_together(self, seqs: list[Sequence]) -> None:
+        device = self.loaded.device
+        packed = pack_prompts([s.prepared.inputs for s in seqs], self._pad_id, device)
+        position_ids, text_next, rope_next = prefill_positions(packed, self._rope_index)
+        cache = self._new_cache()
+        out = self.loaded.model(
+            **packed, position_ids=position_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}
+        )
+        self.stats.prefill_batches += 1
+        done = time.monotonic()
+        logits = out.logits[:, -1, :]
+        for row, seq in enumerate(seqs):
+            seq.text_pos, seq.rope_pos = text_next[row], rope_next[row]
+            token, logprob = seq.sampler.choose(logits[row])
+            seq.accept(token, logprob, prefill_done_at=done)
+        keep = [i for i, s in enumerate(seqs) if s.finish is None]
+        if not keep:
+            return
+        mask = packed["attention_mask"]
+        if len(keep) < len(seqs):
+            kv.select_rows(cache, keep)
+            mask = mask[keep]
+        self._batch.join([seqs[i] for i in keep], cache, mask)
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._batch))
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -356,140 +343,37 @@ class TransformersEngine:
         except (AttributeError, TypeError, ValueError):  # remote-code configs may lack the layer fields
             return DynamicCache()
 
-    def _join_batch(self, seq: _Sequence, cache: Any, mask: Any) -> None:
-        import torch
-
-        if not self._active:
-            self._active, self._cache, self._mask = [seq], cache, mask
-            return
-        if not kv.supports_batch_surgery(self._cache):
-            raise RuntimeError("this model's cache cannot be batched; set max_batch_size=1")
-        cur, new = int(self._mask.shape[1]), int(mask.shape[1])
-        if new < cur:
-            kv.left_pad_cache(cache, cur - new)
-            mask = torch.cat([torch.zeros((1, cur - new), dtype=mask.dtype, device=mask.device), mask], dim=1)
-        elif new > cur:
-            kv.left_pad_cache(self._cache, new - cur)
-            pad = torch.zeros((self._mask.shape[0], new - cur), dtype=self._mask.dtype, device=self._mask.device)
-            self._mask = torch.cat([pad, self._mask], dim=1)
-        kv.concat_caches(self._cache, cache)
-        self._mask = torch.cat([self._mask, mask], dim=0)
-        self._active.append(seq)
-
     def _decode_step(self) -> None:
-        import torch
-
         now = time.monotonic()
-        for seq in list(self._active):
+        for seq in self._batch.seqs:
             deadline = seq.prepared.request.deadline
             if seq.stream.cancelled:
-                seq.finish = "cancelled"
+                seq.cancel()
                 self.stats.cancelled += 1
-                seq.stream.push(GenerationChunk(finish_reason="cancelled", usage=self._usage(seq)))
             elif deadline is not None and now > deadline:
-                self._fail(seq, RequestTimeoutError("the request ran past its timeout"))
-        self._drop_finished()
-        if not self._active:
+                seq.fail(RequestTimeoutError("the request ran past its timeout"))
+        self._batch.drop_finished()
+        if not self._batch:
             return
-        device = self.loaded.device
-        batch = len(self._active)
-        ids = torch.tensor([[s.next_token] for s in self._active], dtype=torch.long, device=device)
-        self._mask = torch.cat([self._mask, torch.ones((batch, 1), dtype=self._mask.dtype, device=device)], dim=1)
-        text_pos = torch.tensor([[s.text_pos] for s in self._active], dtype=torch.long, device=device)
-        if self._rope_index is not None:
-            rope = torch.tensor([[s.rope_pos] for s in self._active], dtype=torch.long, device=device)
-            position_ids = torch.cat([text_pos[None], rope[None].expand(3, -1, -1)], dim=0)
-        else:
-            position_ids = text_pos
+        ids, mask, position_ids = self._batch.step_inputs(self.loaded.device, self._rope_index is not None)
         try:
             out = self.loaded.model(
-                input_ids=ids,
-                attention_mask=self._mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{self._cache_kw: self._cache},
-            )
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                **{self._cache_kw: self._batch.cache},
+            )  # fmt: skip
         except Exception as exc:
-            log.exception("decode step failed; failing %d request(s)", batch)
-            for seq in self._active:
-                self._fail(seq, exc)
-            self._drop_finished()
+            log.exception("decode step failed; failing %d request(s)", len(self._batch))
+            for seq in self._batch.seqs:
+                seq.fail(exc)
+            self._batch.drop_finished()
             return
         self.stats.decode_steps += 1
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._batch))
+        self._batch.advance()
         logits = out.logits[:, -1, :]
-        for row, seq in enumerate(self._active):
+        for row, seq in enumerate(self._batch.seqs):
             if seq.stream.cancelled:
                 self.stats.steps_after_cancel += 1
-            seq.text_pos += 1
-            seq.rope_pos += 1
-            token, lp = seq.sampler.choose(logits[row])
-            self._emit(seq, token, lp)
-            seq.next_token = token
-        self._drop_finished()
-
-    def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._active) if s.finish is None]
-        if len(keep) == len(self._active):
-            return
-        if not keep:
-            self._active, self._cache, self._mask = [], None, None
-            return
-        kv.select_rows(self._cache, keep)
-        self._mask = self._mask[keep]
-        self._active = [self._active[i] for i in keep]
-        # Columns that are padding for every remaining row can go.
-        lead = int((self._mask.cumsum(dim=1) == 0).all(dim=0).sum())
-        if lead:
-            kv.trim_left(self._cache, lead)
-            self._mask = self._mask[:, lead:]
-
-    # --- output -----------------------------------------------------------------------------------------
-    def _emit(self, seq: _Sequence, token: int, logprob: Any, prefill_done_at: float | None = None) -> None:
-        seq.generated += 1
-        seq.sampler.observe(token)
-        text = ""
-        if token in self._eos and not seq.prepared.request.sampling.ignore_eos:
-            seq.finish = "stop"
-        else:
-            text = seq.stopper.feed(seq.decoder.add(token))
-            if seq.stopper.stopped:
-                seq.finish = "stop"
-            elif seq.generated >= seq.prepared.max_new_tokens:
-                seq.finish = "length"
-        if seq.finish is not None and not seq.stopper.stopped:
-            text += seq.stopper.feed(seq.decoder.flush()) + seq.stopper.flush()
-        delta = seq.splitter.feed(text)
-        if seq.finish is not None:
-            tail = seq.splitter.flush()
-            delta = type(delta)(text=delta.text + tail.text, reasoning=delta.reasoning + tail.reasoning)
-        seq.stream.push(
-            GenerationChunk(
-                text=delta.text,
-                reasoning=delta.reasoning,
-                token_ids=(token,),
-                logprobs=(logprob,) if logprob is not None else (),
-                finish_reason=seq.finish,
-                usage=self._usage(seq) if seq.finish is not None else None,
-                prefill_done_at=prefill_done_at,
-            )
-        )
-
-    def _usage(self, seq: _Sequence) -> Usage:
-        inputs = seq.prepared.inputs
-        return Usage(
-            prompt_tokens=inputs.prompt_tokens,
-            completion_tokens=seq.generated,
-            image_tokens=inputs.image_tokens,
-        )
-
-    def _fail(self, seq: _Sequence, exc: BaseException) -> None:
-        seq.finish = "error"
-        error = exc if isinstance(exc, VlmbridgeError) else _internal(exc)
-        seq.stream.push(GenerationChunk(finish_reason="error", error=error, usage=self._usage(seq)))
-
-
-def _internal(exc: BaseException) -> Exception:
-    if isinstance(exc, InvalidRequestError):
-        return exc
-    text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-    return RuntimeError(f"{type(exc).__name__}: {text}")
+            token, logprob = seq.sampler.choose(logits[row])
+            seq.accept(token, logprob)
+        self._batch.drop_finished()

@@ -26,6 +26,8 @@ def build_slot(settings: Settings, path: Path) -> EngineSlot:
             default_max_new_tokens=settings.max_new_tokens,
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            batch_wait_s=settings.batch_wait_ms / 1000,
         )
         return TransformersEngine(loaded, served_name(settings, path), limits)
 
