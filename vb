@@ -33,6 +33,25 @@ ensure_venv() {
   fi
 }
 
+# The Dify plugin SDK monkey-patches Python (gevent) when imported, so its tests drive it from a venv of its own,
+# holding only the plugin's requirements (no torch); pytest finds it through VLMBRIDGE_DIFY_PYTHON.
+DIFY_VENV="${VLMBRIDGE_DIFY_VENV:-.venv-dify}"
+ensure_dify_venv() {
+  local req=integrations/dify/requirements.txt stamp="$DIFY_VENV/.vlmbridge-installed" want
+  if [ ! -x "$DIFY_VENV/bin/python" ]; then
+    echo "creating $DIFY_VENV for the Dify plugin tests" >&2
+    "$PYTHON" -m venv "$DIFY_VENV"
+  fi
+  want="$(sha256sum "$req" | cut -c1-16)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "installing the Dify plugin's requirements into $DIFY_VENV" >&2
+    "$DIFY_VENV/bin/python" -m pip install --quiet -r "$req" >&2
+    echo "$want" >"$stamp"
+  fi
+  VLMBRIDGE_DIFY_PYTHON="$(cd "$DIFY_VENV" && pwd)/bin/python"
+  export VLMBRIDGE_DIFY_PYTHON
+}
+
 cmd="${1:-help}"
 shift || true
 case "$cmd" in
@@ -42,8 +61,9 @@ case "$cmd" in
     ;;
   test)
     ensure_venv
-    "$VENV/bin/ruff" check src tests benchmarks
-    "$VENV/bin/ruff" format --check src tests benchmarks
+    ensure_dify_venv
+    "$VENV/bin/ruff" check src tests benchmarks integrations
+    "$VENV/bin/ruff" format --check src tests benchmarks integrations
     "$VENV/bin/mypy"
     # Exit code 5 = no tests collected (e.g. a filtered run): not a failure of the code under test.
     "$VENV/bin/python" -m pytest "$@" || { rc=$?; [ "$rc" -eq 5 ] && exit 0; exit "$rc"; }

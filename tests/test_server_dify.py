@@ -129,3 +129,21 @@ def test_stream_error_is_a_final_error_event(server: Server) -> None:
     r = httpx.post(f"{server.v1}/chat/completions", json=body, headers=HEADERS, timeout=120)
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_extended_mode_top_level_thinking_fields(server: Server) -> None:
+    """Dify's built-in provider in extended compatibility mode adds `thinking`/`enable_thinking` at top level."""
+    for extra in ({"enable_thinking": False}, {"thinking": {"type": "disabled"}}, {"thinking": True}):
+        body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], **extra}
+        r = httpx.post(f"{server.v1}/chat/completions", json=body, headers=HEADERS, timeout=120)
+        assert r.status_code == 200, r.text
+
+
+def test_thinking_switch_reaches_the_template() -> None:
+    from vlmbridge.server.schemas import ChatCompletionRequest
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert ChatCompletionRequest(**base, enable_thinking=False).template_kwargs == {"enable_thinking": False}
+    assert ChatCompletionRequest(**base, thinking={"type": "enabled"}).template_kwargs == {"enable_thinking": True}
+    explicit = ChatCompletionRequest(**base, enable_thinking=True, chat_template_kwargs={"enable_thinking": False})
+    assert explicit.template_kwargs == {"enable_thinking": False}

@@ -25,7 +25,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from vlmbridge.cli import chat, doctor, explain, serve, tiny
+    from vlmbridge.cli import bench, chat, doctor, explain, serve, tiny
 
     app.command("demo")(serve.demo)
     app.command("serve")(serve.serve)
@@ -33,6 +33,10 @@ def _register() -> None:
     app.command("tiny-model")(tiny.tiny_model)
     app.command("doctor")(doctor.doctor)
     app.command("explain")(explain.explain_command)
+    app.command("bench")(bench.bench)
+    from vlmbridge.cli.dify import app as dify_app
+
+    app.add_typer(dify_app, name="dify")
 
 
 _register()

@@ -17,7 +17,7 @@ from vlmbridge.server.convert import ImageLoader
 from vlmbridge.server.errors import install_error_handlers
 from vlmbridge.server.limits import BodySizeLimit
 from vlmbridge.server.metrics import Metrics, MetricsMiddleware
-from vlmbridge.server.routes import chat, info
+from vlmbridge.server.routes import chat, info, tokenize
 from vlmbridge.server.state import AppState, EngineSlot
 from vlmbridge.settings import Settings
 
@@ -62,6 +62,7 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(info.router)
+    app.include_router(tokenize.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

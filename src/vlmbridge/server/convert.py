@@ -95,7 +95,7 @@ async def to_generation_request(
             top_logprobs=req.top_logprobs or 0,
             ignore_eos=req.ignore_eos,
         ),
-        chat_template_kwargs=req.chat_template_kwargs or {},
+        chat_template_kwargs=req.template_kwargs,
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         deadline=time.monotonic() + settings.request_timeout,
         max_tokens_explicit=max_tokens is not None,

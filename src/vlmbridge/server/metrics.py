@@ -62,7 +62,7 @@ class Metrics:
 class MetricsMiddleware:
     """Counts every response by endpoint and status, and times it to the last body byte (streams included)."""
 
-    _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+    _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/models", "/v1/tokenize", "/tokenize", "/health", "/metrics"})
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app

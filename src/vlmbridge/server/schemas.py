@@ -122,6 +122,9 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Dify's OpenAI-compatible provider in "extended" mode sends these next to chat_template_kwargs.
+    enable_thinking: bool | None = None
+    thinking: bool | dict[str, Any] | None = None
     ignore_eos: bool = Field(False, description="extension (as in vLLM): generate until max_tokens")
     max_pixels: int | None = Field(None, ge=1, description="extension: per-request pixel budget per image")
     min_pixels: int | None = Field(None, ge=1, description="extension: per-request minimum pixels per image")
@@ -164,6 +167,21 @@ class ChatCompletionRequest(_Strict):
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError("min_pixels must not exceed max_pixels")
         return self
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """chat_template_kwargs, with the top-level thinking switches folded in (explicit kwargs win)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        switch = self.enable_thinking
+        if switch is None and isinstance(self.thinking, bool):
+            switch = self.thinking
+        elif (
+            switch is None and isinstance(self.thinking, dict) and self.thinking.get("type") in ("enabled", "disabled")
+        ):
+            switch = self.thinking["type"] == "enabled"
+        if switch is not None:
+            kwargs.setdefault("enable_thinking", switch)
+        return kwargs
 
     @property
     def stop_list(self) -> tuple[str, ...]:

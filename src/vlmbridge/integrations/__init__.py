@@ -1,0 +1,1 @@
+"""Integrations with other software (Dify first): the code behind `vlmbridge dify`."""

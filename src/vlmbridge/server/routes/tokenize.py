@@ -1,0 +1,58 @@
+"""POST /v1/tokenize (also /tokenize, vLLM's path): count a chat prompt's tokens, images included, without generating.
+
+Request (vLLM's chat form): {"model"?, "messages", "max_pixels"?, "min_pixels"?}; response: {"count",
+"max_model_len", "image_tokens", "model"}. vLLM also returns the token ids; token counters (Dify's plugin) need only
+the count, so we leave them out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlmbridge.errors import ModelNotFoundError
+from vlmbridge.server.auth import require_api_key
+from vlmbridge.server.convert import to_generation_request
+from vlmbridge.server.schemas import ChatCompletionRequest, Message
+from vlmbridge.server.state import AppState
+
+__all__ = ["TokenizeRequest", "router"]
+
+router = APIRouter()
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, min_length=1, max_length=512)
+    messages: list[Message] = Field(min_length=1, max_length=4096)
+    max_pixels: int | None = Field(None, ge=1, description="extension: per-request pixel budget per image")
+    min_pixels: int | None = Field(None, ge=1, description="extension: per-request minimum pixels per image")
+
+
+@router.post("/v1/tokenize", dependencies=[Depends(require_api_key)])
+@router.post("/tokenize", dependencies=[Depends(require_api_key)], include_in_schema=False)
+async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+    vlm: AppState = request.app.state.vlm
+    name = vlm.slot.name
+    if body.model is not None and body.model != name:
+        raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {name!r}")
+    engine = vlm.slot.engine
+    # The chat route's own conversion: the same image loading, limits and pixel budgets, so the count matches.
+    chat = ChatCompletionRequest(
+        model=name, messages=body.messages, max_pixels=body.max_pixels, min_pixels=body.min_pixels
+    )
+    gen_request = await to_generation_request(chat, vlm.settings, vlm.load_image)
+    async with vlm.prepare_slots:
+        stats = await asyncio.to_thread(engine.count_prompt, gen_request.messages)
+    return JSONResponse(
+        {
+            "model": name,
+            "count": stats.prompt_tokens,
+            "image_tokens": stats.image_tokens,
+            "max_model_len": engine.info.context_length,
+        }
+    )
