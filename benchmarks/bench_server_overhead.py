@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -71,7 +73,11 @@ def server_process(folder: Path, dtype: str, *extra: str) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "vlmbridge", "serve", str(folder), "--port", str(port), "--dtype", dtype,
            "--served-model-name", "small", *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        **({"OMP_NUM_THREADS": os.environ["SERVER_THREADS"]} if "SERVER_THREADS" in os.environ else {}),
+    }
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -91,33 +97,43 @@ def server_process(folder: Path, dtype: str, *extra: str) -> Iterator[str]:
 
 
 def through_server(folder: Path, png: bytes, requests: int, tokens: int, dtype: str) -> tuple[list[float], list[float]]:
-    from openai import OpenAI
+    """Streaming requests from a plain httpx client (its own CPU use is kept small: it shares the cores)."""
+    import httpx
 
     url = "data:image/png;base64," + base64.b64encode(png).decode()
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
-                {"type": "text", "text": "Describe."},
-            ],
-        }
-    ]
+    body = {
+        "model": "small",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+                    {"type": "text", "text": "Describe."},
+                ],
+            }
+        ],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "logprobs": True,  # one entry per generated token: the count is the client's own
+    }
     times, ttfts = [], []
-    with server_process(folder, dtype) as base:
-        client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    with server_process(folder, dtype) as base, httpx.Client(base_url=base, timeout=120) as client:
         for i in range(requests + 1):
             start = time.perf_counter()
             first = None
             counted = 0
-            stream = client.chat.completions.create(
-                model="small", messages=messages, max_tokens=tokens, temperature=0, stream=True,  # type: ignore[arg-type]
-                logprobs=True, extra_body={"ignore_eos": True},
-            )  # fmt: skip
-            for event in stream:
-                if event.choices and event.choices[0].logprobs and event.choices[0].logprobs.content:
-                    counted += len(event.choices[0].logprobs.content)
-                    first = first or time.perf_counter()
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    choice = chunk["choices"][0] if chunk["choices"] else {}
+                    entries = (choice.get("logprobs") or {}).get("content") or []
+                    if entries:
+                        counted += len(entries)
+                        first = first or time.perf_counter()
             assert counted == tokens, counted
             if i:
                 times.append(time.perf_counter() - start)
@@ -145,8 +161,10 @@ def main() -> None:
     def tps(times: list[float]) -> float:
         return args.tokens / statistics.median(times)
 
-    print(f"small Qwen3-VL ({params:.1f} M params), 320x240 image, {args.tokens} new tokens, "
-          f"{args.requests} requests, 1 client, dtype={args.dtype}, torch threads={torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"small Qwen3-VL ({params:.1f} M params), 320x240 image, {args.tokens} new tokens, {args.requests} requests, "
+        f"1 client, dtype={args.dtype}, in-process torch threads={torch.get_num_threads()}"
+    )
     print(f"{'path':<28}{'median latency':>16}{'tokens/s':>12}{'p95 latency':>14}")
     for name, times in (("in-process generate()", local), ("vlmbridge serve (HTTP)", served)):
         p95 = sorted(times)[max(0, int(len(times) * 0.95) - 1)]

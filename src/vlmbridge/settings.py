@@ -131,6 +131,13 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="When idle, wait this long for more requests to prefill them together."
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads for torch when serving on CPU; default: all cores but one, which the event "
+        "loop keeps (a preempted torch thread stalls every parallel kernel).",
+    )
     keepalive_interval: float = Field(
         10.0, gt=0, le=300, description="Seconds between SSE keep-alive comments while a stream waits."
     )

@@ -98,7 +98,10 @@ class RequestStream:
         Waiting can be abandoned (timeout, cancellation) without losing a chunk.
         """
         assert self._async_q is not None, "async reading needs a stream created inside the event loop"
-        item = await asyncio.wait_for(self._async_q.get(), timeout)
+        try:
+            item = self._async_q.get_nowait()  # the common case while decoding: no task, no timer
+        except asyncio.QueueEmpty:
+            item = await asyncio.wait_for(self._async_q.get(), timeout)
         if item is self._END:
             self._async_q.put_nowait(item)  # stay at the end for further calls
             return None

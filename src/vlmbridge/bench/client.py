@@ -1,0 +1,96 @@
+"""A closed-loop load generator for OpenAI-compatible servers: N clients, each sending requests back to back.
+
+Tokens are counted on the client by re-tokenizing the streamed text with the model's own tokenizer, the same
+way for every system, so no server's own accounting is trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+__all__ = ["RequestRecord", "RunResult", "run_load"]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    latency: float
+    ttft: float
+    tokens: int
+
+
+@dataclass
+class RunResult:
+    clients: int
+    wall: float
+    records: list[RequestRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.records)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall if self.wall > 0 else 0.0
+
+
+async def _one(client: httpx.AsyncClient, body: dict[str, Any], count: Callable[[str], int]) -> RequestRecord:
+    start = time.perf_counter()
+    first = 0.0
+    text: list[str] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(str(chunk["error"])[:200])
+            for choice in chunk.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    text.append(piece)
+                    first = first or time.perf_counter()
+    end = time.perf_counter()
+    return RequestRecord(latency=end - start, ttft=(first or end) - start, tokens=count("".join(text)))
+
+
+async def _run(
+    base_url: str, body: dict[str, Any], clients: int, per_client: int, count: Callable[[str], int],
+    on_done: Callable[[], None],
+) -> RunResult:  # fmt: skip
+    result = RunResult(clients=clients, wall=0.0)
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            for _ in range(per_client):
+                try:
+                    result.records.append(await _one(client, body, count))
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    result.errors.append(str(exc))
+                on_done()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        result.wall = time.perf_counter() - start
+    return result
+
+
+def run_load(
+    base_url: str, body: dict[str, Any], clients: int, per_client: int, count: Callable[[str], int],
+    on_done: Callable[[], None] = lambda: None,
+) -> RunResult:  # fmt: skip
+    return asyncio.run(_run(base_url, body, clients, per_client, count, on_done))

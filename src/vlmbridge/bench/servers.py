@@ -1,0 +1,76 @@
+"""Start the servers under test as separate processes, the way users run them, and wait until they answer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+__all__ = ["free_port", "transformers_serve", "vlmbridge_serve"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _process(cmd: list[str], base: str, ready: str, timeout: float = 600) -> Iterator[str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")[-800:] if proc.stderr else ""
+                raise RuntimeError(f"{cmd[2] if len(cmd) > 2 else cmd[0]} exited early: {err}")
+            try:
+                if httpx.get(base + ready, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd} did not become ready in {timeout:.0f}s")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def vlmbridge_serve(model: Path, name: str, *extra: str) -> Iterator[str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vlmbridge", "serve", str(model), "--port", str(port),
+           "--served-model-name", name, *extra]  # fmt: skip
+    with _process(cmd, f"http://127.0.0.1:{port}", "/health") as base:
+        yield base
+
+
+def transformers_cli() -> str | None:
+    """The `transformers` console script next to this interpreter (the same install vlmbridge uses)."""
+    here = Path(sys.executable).with_name("transformers")
+    return str(here) if here.exists() else shutil.which("transformers")
+
+
+@contextmanager
+def transformers_serve(model: Path, *extra: str) -> Iterator[str]:
+    cli = transformers_cli()
+    if cli is None:
+        raise RuntimeError("the `transformers` command is not installed")
+    port = free_port()
+    cmd = [cli, "serve", str(model), "--port", str(port), "--host", "127.0.0.1", *extra]
+    with _process(cmd, f"http://127.0.0.1:{port}", "/health") as base:
+        # /health answers before the forced model is usable; one tiny request makes sure it is loaded.
+        yield base
