@@ -21,7 +21,9 @@ def make_engine(tiny_model: TinyFactory) -> Iterator:  # type: ignore[type-arg]
     def make(family: str, **limits: float) -> TransformersEngine:
         loaded = load_model(tiny_model(family), LoadOptions(device="cpu", dtype="fp32"))
         # A long idle wait makes requests submitted together land in one prefill batch.
-        engine = TransformersEngine(loaded, "tiny", EngineLimits(**{"batch_wait_s": 0.3, **limits}))  # type: ignore[arg-type]
+        # No prefix cache: a repeated prompt would otherwise reuse its earlier KV instead of batching its prefill.
+        settings = {"batch_wait_s": 0.3, "prefix_cache_bytes": 0, **limits}
+        engine = TransformersEngine(loaded, "tiny", EngineLimits(**settings))  # type: ignore[arg-type]
         engine.start()
         engines.append(engine)
         return engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import torch
 
@@ -103,7 +104,8 @@ def test_image_reaches_the_model_through_the_api(tiny_model: TinyFactory, family
     """Same prompt, greedy: two same-size pictures give different first-token logprobs, the same one identical,
     and they equal the in-process logits for the same input."""
     folder = tiny_model(family)
-    with running(folder, dtype="fp32") as server:
+    # Without the prefix cache the repeated request recomputes everything, so "identical" can be exact.
+    with running(folder, dtype="fp32", prefix_cache_mb=0) as server:
         client = server.openai()
 
         def first_logprobs(seed: int) -> list[float]:
@@ -176,3 +178,26 @@ def test_thinking_output_goes_to_reasoning_content(tmp_path_factory: pytest.Temp
             (e.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for e in events if e.choices
         )
     assert streamed == message["reasoning_content"]
+
+
+def test_follow_up_turn_reports_cached_tokens_and_metrics(tiny_model: TinyFactory) -> None:
+    with running(tiny_model("qwen3_vl")) as server:
+        client = server.openai()
+        first = client.chat.completions.create(
+            model=MODEL,
+            messages=image_message(data_url(320, 240, seed=5)),
+            max_tokens=4,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        follow_up = [
+            *image_message(data_url(320, 240, seed=5)),
+            {"role": "assistant", "content": first.choices[0].message.content or ""},
+            {"role": "user", "content": "And the colours?"},
+        ]
+        second = client.chat.completions.create(model=MODEL, messages=follow_up, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # type: ignore[union-attr]
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens  # type: ignore[union-attr]
+    assert 'vlmbridge_cache{cache="prefix",stat="hits"} 1.0' in metrics
+    assert 'vlmbridge_cache{cache="encoder",stat="misses"} 1.0' in metrics

@@ -131,6 +131,12 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="When idle, wait this long for more requests to prefill them together."
     )
+    prefix_cache_mb: int = Field(
+        1024, ge=0, le=1 << 20, description="MiB of finished requests' KV cache kept for follow-up turns (0 = off)."
+    )
+    encoder_cache_mb: int = Field(
+        256, ge=0, le=1 << 20, description="MiB of vision-encoder outputs kept per picture and pixel budget (0 = off)."
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

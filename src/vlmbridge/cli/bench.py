@@ -41,7 +41,7 @@ def bench(
     model_dir: Annotated[
         Path | None, typer.Argument(metavar="[MODEL_DIR]", help="Model folder; default: the built-in small Qwen3-VL.")
     ] = None,
-    scenario: Annotated[str, typer.Option(help="throughput.")] = "throughput",
+    scenario: Annotated[str, typer.Option(help="throughput, multiturn or all.")] = "throughput",
     clients: Annotated[str, typer.Option(help="Concurrent clients, comma-separated.")] = "1,8",
     requests_per_client: Annotated[int, typer.Option(min=1, max=1000, help="Requests each client sends.")] = 4,
     tokens: Annotated[int, typer.Option(min=1, max=4096, help="New tokens per request (forced).")] = 32,
@@ -56,8 +56,8 @@ def bench(
     from vlmbridge.bench.throughput import ThroughputPlan, run_throughput
     from vlmbridge.bench.workload import Workload
 
-    if scenario not in ("throughput",):
-        raise InvalidRequestError(f"unknown scenario {scenario!r}; use throughput")
+    if scenario not in ("throughput", "multiturn", "all"):
+        raise InvalidRequestError(f"unknown scenario {scenario!r}; use throughput, multiturn or all")
     unknown = set(skip or []) - set(SYSTEMS)
     if unknown:
         raise InvalidRequestError(f"--skip takes {', '.join(SYSTEMS)}; got {', '.join(sorted(unknown))}")
@@ -71,9 +71,13 @@ def bench(
     model = bench_model(Settings(), model_dir)
     systems = tuple(s for s in SYSTEMS if s not in (skip or []))
     work = Workload(width=width, height=height, new_tokens=tokens)
-    if scenario == "throughput":
+    if scenario in ("throughput", "all"):
         run_throughput(
             ThroughputPlan(model=model, clients=client_counts, requests_per_client=requests_per_client, work=work,
                            systems=systems, dtype=dtype),
             out_console,
         )  # fmt: skip
+    if scenario in ("multiturn", "all"):
+        from vlmbridge.bench.multiturn import MultiTurnPlan, run_multiturn
+
+        run_multiturn(MultiTurnPlan(model=model, systems=systems, dtype=dtype), out_console)

@@ -12,10 +12,12 @@ import typer
 
 from vlmbridge.cli.console import err_console, out_console
 from vlmbridge.cli.options import (
+    AllowDequantizeOpt,
     AllowPickleOpt,
     DeviceOpt,
     DTypeOpt,
     MaxPixelsOpt,
+    QuantizationOpt,
     TrustRemoteCodeOpt,
     settings_from,
 )
@@ -107,9 +109,17 @@ def serve(
     max_batch_size: Annotated[int | None, typer.Option(help="Requests decoded together.")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429.")] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Seconds per request.")] = None,
+    prefix_cache_mb: Annotated[
+        int | None, typer.Option(help="MiB of KV cache kept for follow-up turns (0 = off). [default: 1024]")
+    ] = None,
+    encoder_cache_mb: Annotated[
+        int | None, typer.Option(help="MiB of vision-encoder outputs kept (0 = off). [default: 256]")
+    ] = None,
     skip_doctor: Annotated[bool | None, typer.Option("--skip-doctor", help="Start despite doctor errors.")] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     allow_pickle_weights: AllowPickleOpt = None,
+    quantization: QuantizationOpt = None,
+    allow_dequantize: AllowDequantizeOpt = None,
 ) -> None:
     """Serve a model folder with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
     settings = settings_from(
@@ -117,7 +127,9 @@ def serve(
         device=device, context_length=context, max_pixels=max_pixels, max_images=max_images,
         allow_image_hosts=allow_image_host, allow_local_dirs=allow_local_dir, max_batch_size=max_batch_size,
         max_queue=max_queue, request_timeout=request_timeout, skip_doctor=skip_doctor,
-        trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights,
+        prefix_cache_mb=prefix_cache_mb, encoder_cache_mb=encoder_cache_mb,
+        trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights, quantization=quantization,
+        allow_dequantize=allow_dequantize,
     )  # fmt: skip
     run_server(settings)
 

@@ -15,12 +15,15 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
-from vlmbridge.engine import kv
 from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
-from vlmbridge.engine.batch import RunningBatch, pack_prompts, prefill_positions
+from vlmbridge.engine.batch import RunningBatch
+from vlmbridge.engine.caches import EncoderCache, PrefixCache
+from vlmbridge.engine.prefill import Prefilled, Prefiller
 from vlmbridge.engine.prompt import ModelInputs, PromptBuilder
 from vlmbridge.engine.sampling import Sampler, resolve_sampling
 from vlmbridge.engine.sequence import Sequence
@@ -34,6 +37,7 @@ from vlmbridge.engine.types import (
     SamplingParams,
     TextPart,
 )
+from vlmbridge.engine.vision import VisionFeatures
 from vlmbridge.errors import ContextLengthError, EngineNotReadyError, QueueFullError, RequestTimeoutError
 from vlmbridge.loader import LoadedModel
 
@@ -52,6 +56,12 @@ class EngineLimits:
     max_prefill_tokens: int = 8192
     # When idle, wait this long for more requests so a burst is prefilled together.
     batch_wait_s: float = 0.005
+    # Finished requests' KV kept for follow-up turns, and vision-encoder outputs; 0 turns a cache off.
+    prefix_cache_bytes: int = 1 << 30
+    encoder_cache_bytes: int = 256 << 20
+    # torch CPU threads for prefills and for decode steps; 0 leaves torch's setting alone.
+    prefill_threads: int = 0
+    decode_threads: int = 0
 
 
 @dataclass
@@ -114,6 +124,13 @@ class TransformersEngine:
         inner = getattr(model, "model", None)
         self._rope_index = getattr(inner, "get_rope_index", None)  # M-RoPE models (all Qwen-VL families)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.prefix_cache = PrefixCache(self.limits.prefix_cache_bytes) if self.limits.prefix_cache_bytes else None
+        self.encoder_cache = EncoderCache(self.limits.encoder_cache_bytes) if self.limits.encoder_cache_bytes else None
+        vision = VisionFeatures(model, self.encoder_cache) if loaded.kind == "vlm" else None
+        self._prefiller = Prefiller(
+            model, loaded.device, self._pad_id, self._rope_index, self._cache_kw, self._new_cache,
+            self.prefix_cache, vision,
+        )  # fmt: skip
         self._queue: queue.Queue[_Queued] = queue.Queue(maxsize=self.limits.max_queue)
         self._held: list[_Queued] = []  # taken from the queue but over this step's prefill budget
         self._batch = RunningBatch()
@@ -180,6 +197,11 @@ class TransformersEngine:
         for chunk in self.submit(self.prepare(req), warm_up=True):
             if chunk.error is not None:
                 raise chunk.error
+        while self.active_count():  # the worker files the warm-up's KV right after its last chunk
+            time.sleep(0.001)
+        for cache in (self.prefix_cache, self.encoder_cache):
+            if cache is not None:
+                cache.clear()  # the warm-up's picture and prompt are nobody's conversation
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Render and tokenize the prompt, process images, check the context. Thread-safe; raises 4xx errors."""
@@ -238,8 +260,10 @@ class TransformersEngine:
                     continue
                 admitted = self._admit()
                 if admitted:
+                    self._threads(self.limits.prefill_threads)
                     self._prefill(admitted)
                 if self._batch:
+                    self._threads(self.limits.decode_threads)
                     self._decode_step()
         stopping = EngineNotReadyError("server is shutting down")
         for seq in self._batch.seqs:
@@ -252,6 +276,13 @@ class TransformersEngine:
             except queue.Empty:
                 return
             q.stream.push(GenerationChunk(finish_reason="error", error=stopping))
+
+    @staticmethod
+    def _threads(count: int) -> None:
+        import torch
+
+        if count and torch.get_num_threads() != count:
+            torch.set_num_threads(count)
 
     def _admit(self) -> list[_Queued]:
         """Waiting requests that fit the free batch rows and one prefill's token budget."""
@@ -293,55 +324,44 @@ class TransformersEngine:
 
     def _prefill(self, admitted: list[_Queued]) -> None:
         seqs = [self._sequence(q) for q in admitted]
+        fresh: list[Sequence] = []
+        for seq in seqs:  # a cached prefix means a short tail of its own; the rest prefill together
+            hit = self._prefiller.find_prefix(seq)
+            if hit is None:
+                fresh.append(seq)
+            else:
+                self._run_prefill(partial(self._prefiller.on_prefix, seq, hit), [seq])
+        if len(fresh) == 1:
+            self._run_prefill(partial(self._prefiller.together, fresh), fresh)
+        elif fresh and not self._run_prefill(partial(self._prefiller.together, fresh), fresh, quiet=True):
+            for seq in fresh:  # one bad prompt must not fail its neighbours: retry them one by one
+                self._run_prefill(partial(self._prefiller.together, [seq]), [seq])
+
+    def _run_prefill(self, run: Callable[[], Prefilled | None], seqs: list[Sequence], quiet: bool = False) -> bool:
+        """Run one prefill and join its survivors to the batch. False if it raised (and `quiet` kept them alive)."""
         try:
-            self._prefill_together(seqs)
-            return
+            done = run()
         except Exception as exc:
-            if len(seqs) == 1:
-                log.exception("prefill failed for %s", seqs[0].request_id)
-                seqs[0].fail(exc)
-                return
-            # One bad prompt must not fail its neighbours: retry them one by one.
-            log.warning("batched prefill of %d requests failed (%s); retrying one by one", len(seqs), exc)
-        for seq in seqs:
-            try:
-                self._prefill_together([seq])
-            except Exception as exc:
-                log.exception("prefill failed for %s", seq.request_id)
+            if quiet:
+                log.warning("batched prefill of %d requests failed (%s); retrying one by one", len(seqs), exc)
+                return False
+            log.exception("prefill failed for %s", ", ".join(s.request_id for s in seqs))
+            for seq in seqs:
                 seq.fail(exc)
-
-    def _prefill_together(self, seqs: list[Sequence]) -> None:
-        device = self.loaded.device
-        packed = pack_prompts([s.prepared.inputs for s in seqs], self._pad_id, device)
-        position_ids, text_next, rope_next = prefill_positions(packed, self._rope_index)
-        cache = self._new_cache()
-        out = self.loaded.model(
-            **packed, position_ids=position_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}
-        )
+            return True
         self.stats.prefill_batches += 1
-        done = time.monotonic()
-        logits = out.logits[:, -1, :]
-        for row, seq in enumerate(seqs):
-            seq.text_pos, seq.rope_pos = text_next[row], rope_next[row]
-            token, logprob = seq.sampler.choose(logits[row])
-            seq.accept(token, logprob, prefill_done_at=done)
-        keep = [i for i, s in enumerate(seqs) if s.finish is None]
-        if not keep:
-            return
-        mask = packed["attention_mask"]
-        if len(keep) < len(seqs):
-            kv.select_rows(cache, keep)
-            mask = mask[keep]
-        self._batch.join([seqs[i] for i in keep], cache, mask)
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._batch))
+        if done is not None:
+            self._batch.join(done.seqs, done.cache, done.mask)
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._batch))
+        return True
 
-    def _new_cache(self) -> Any:
+    def _new_cache(self, layers: list[tuple[Any, Any]] | None = None) -> Any:
         from transformers import DynamicCache
 
         try:
-            return DynamicCache(config=self.loaded.model.config)
+            return DynamicCache(ddp_cache_data=layers, config=self.loaded.model.config)
         except (AttributeError, TypeError, ValueError):  # remote-code configs may lack the layer fields
-            return DynamicCache()
+            return DynamicCache(ddp_cache_data=layers)
 
     def _decode_step(self) -> None:
         now = time.monotonic()
@@ -376,4 +396,6 @@ class TransformersEngine:
                 self.stats.steps_after_cancel += 1
             token, logprob = seq.sampler.choose(logits[row])
             seq.accept(token, logprob)
+            if seq.finish is not None:
+                self._prefiller.remember(seq, self._batch.cache, self._batch.mask[row], row)
         self._batch.drop_finished()

@@ -34,6 +34,7 @@ class ModelInputs:
     prompt_tokens: int
     image_tokens: int
     image_keys: tuple[str, ...]  # digest@budget per image, in prompt order (for encoder caches)
+    image_spans: tuple[tuple[int, int], ...]  # [start, end) of each image's placeholder run in input_ids
     ends_in_think_block: bool  # the template opened a <think> block for the answer
 
     @property
@@ -166,11 +167,17 @@ class PromptBuilder:
                 code="context_length_exceeded",
             )
         tail = self.tokenizer.decode(ids[0, -4:].tolist())
+        spans = _runs(ids[0].tolist(), self.image_token_id)
+        if len(spans) != len(parts):
+            raise InvalidRequestError(  # an image cut by the template would fail inside the model
+                f"{len(parts)} images but {len(spans)} image placeholder runs in the prompt", param="messages"
+            )
         return ModelInputs(
             tensors=tensors,
             prompt_tokens=prompt_tokens,
             image_tokens=image_tokens,
             image_keys=tuple(f"{p.image.digest}@{p.budget.min_pixels}-{p.budget.max_pixels}" for p in parts),
+            image_spans=tuple(spans),
             ends_in_think_block=tail.rstrip().endswith("<think>"),
         )
 
@@ -187,3 +194,17 @@ class PromptBuilder:
             }
         areas = [im.size[0] * im.size[1] for im in images]
         return {"size": {"shortest_edge": min(areas), "longest_edge": max(areas)}}
+
+
+def _runs(ids: list[int], token: int | None) -> list[tuple[int, int]]:
+    """[start, end) of every maximal run of `token` in ids."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, t in enumerate([*ids, None]):
+        if t == token and token is not None:
+            if start is None:
+                start = i
+        elif start is not None:
+            runs.append((start, i))
+            start = None
+    return runs

@@ -29,8 +29,13 @@ class Sequence:
     text_pos: int = 0  # real tokens in the cache = text position of the next token
     rope_pos: int = 0  # rotary position of the next token (ahead of text_pos after images under M-RoPE)
     next_token: int = -1
-    generated: int = 0
     finish: FinishReason | None = None
+    tokens: list[int] = field(default_factory=list)  # generated ids, in order
+    cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
 
     @property
     def request_id(self) -> str:
@@ -39,12 +44,15 @@ class Sequence:
     def usage(self) -> Usage:
         inputs = self.prepared.inputs
         return Usage(
-            prompt_tokens=inputs.prompt_tokens, completion_tokens=self.generated, image_tokens=inputs.image_tokens
+            prompt_tokens=inputs.prompt_tokens,
+            completion_tokens=self.generated,
+            image_tokens=inputs.image_tokens,
+            cached_tokens=self.cached_tokens,
         )
 
     def accept(self, token: int, logprob: TokenLogprob | None, prefill_done_at: float | None = None) -> None:
         """Take the sampled token: update text, stop/finish state, and push the chunk to the client."""
-        self.generated += 1
+        self.tokens.append(token)
         self.sampler.observe(token)
         self.next_token = token
         text = ""

@@ -24,6 +24,10 @@ from vlmbridge.settings import Settings
 __all__ = ["create_app"]
 
 
+def _cache_stats(engine: object) -> dict[str, object]:
+    return {name: getattr(getattr(engine, f"{name}_cache", None), "stats", None) for name in ("prefix", "encoder")}
+
+
 def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader | None = None) -> FastAPI:
     """An ASGI app serving `slot`'s model. The slot starts loading when the app starts (lifespan)."""
     metrics = Metrics()
@@ -43,6 +47,7 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
             stats=lambda: getattr(slot.peek(), "stats", None),
             ready=lambda: 1.0 if slot.state == "ready" else 0.0,
         )
+        metrics.bind_caches(lambda: _cache_stats(slot.peek()))
         slot.start()
         try:
             yield

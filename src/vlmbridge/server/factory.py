@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -12,18 +11,13 @@ from vlmbridge.settings import Settings
 
 __all__ = ["build_slot", "served_name"]
 
-log = logging.getLogger(__name__)
 
-
-def _set_cpu_threads(requested: int | None) -> None:
-    import torch
-
-    # One core stays with the event loop: a token wake-up that preempts one of torch's threads stalls the
-    # whole parallel kernel (measured on 2 cores: 1 torch thread streams ~25% faster than 2).
-    threads = requested or max(1, (os.cpu_count() or 2) - 1)
-    if threads != torch.get_num_threads():
-        log.info("torch CPU threads: %d -> %d", torch.get_num_threads(), threads)
-        torch.set_num_threads(threads)
+def _cpu_threads(requested: int | None) -> tuple[int, int]:
+    """(prefill, decode) torch threads on CPU. Decoding leaves one core to the event loop: a token wake-up that
+    preempts one of torch's threads stalls the whole parallel kernel (measured on 2 cores: 1 thread streams ~25%
+    faster than 2), while a prefill is one long compute-bound pass that wants every core."""
+    cores = os.cpu_count() or 2
+    return (requested or cores, requested or max(1, cores - 1))
 
 
 def served_name(settings: Settings, path: Path) -> str:
@@ -36,8 +30,9 @@ def build_slot(settings: Settings, path: Path) -> EngineSlot:
         from vlmbridge.loader import load_model
 
         loaded = load_model(path, settings.load_options())
-        if loaded.device.type == "cpu":
-            _set_cpu_threads(settings.torch_threads)
+        prefill_threads, decode_threads = (
+            _cpu_threads(settings.torch_threads) if loaded.device.type == "cpu" else (0, 0)
+        )
         limits = EngineLimits(
             context_length=settings.context_length,
             default_max_new_tokens=settings.max_new_tokens,
@@ -45,6 +40,10 @@ def build_slot(settings: Settings, path: Path) -> EngineSlot:
             max_queue=settings.max_queue,
             max_prefill_tokens=settings.max_prefill_tokens,
             batch_wait_s=settings.batch_wait_ms / 1000,
+            prefix_cache_bytes=settings.prefix_cache_mb << 20,
+            encoder_cache_bytes=settings.encoder_cache_mb << 20,
+            prefill_threads=prefill_threads,
+            decode_threads=decode_threads,
         )
         return TransformersEngine(loaded, served_name(settings, path), limits)
 

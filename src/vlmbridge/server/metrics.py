@@ -45,6 +45,12 @@ class Metrics:
             registry=r,
         )
         self.model_ready = Gauge("vlmbridge_model_ready", "1 when the model is loaded and warmed up.", registry=r)
+        self.cache = Gauge(
+            "vlmbridge_cache",
+            "Prefix (KV) and vision-encoder cache counters: hits, misses, evictions, bytes, entries.",
+            ["cache", "stat"],
+            registry=r,
+        )
 
     def bind_engine(
         self, queue_depth: Callable[[], float], stats: Callable[[], object], ready: Callable[[], float]
@@ -54,6 +60,16 @@ class Metrics:
         self.decode_steps.set_function(lambda: float(getattr(stats(), "decode_steps", 0)))
         self.cancelled.set_function(lambda: float(getattr(stats(), "cancelled", 0)))
         self.steps_after_cancel.set_function(lambda: float(getattr(stats(), "steps_after_cancel", 0)))
+
+    def bind_caches(self, caches: Callable[[], dict[str, object]]) -> None:
+        """caches() -> {"prefix": CacheStats | None, "encoder": ...}, read at scrape time."""
+
+        def reader(name: str, stat: str) -> Callable[[], float]:
+            return lambda: float(getattr(caches().get(name), stat, 0))
+
+        for name in ("prefix", "encoder"):
+            for stat in ("hits", "misses", "evictions", "bytes", "entries"):
+                self.cache.labels(name, stat).set_function(reader(name, stat))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

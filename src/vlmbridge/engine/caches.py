@@ -1,0 +1,177 @@
+"""Caches that make follow-up turns cheap: finished requests' KV cache by token prefix, and vision-encoder outputs.
+
+Chat clients (Dify included) resend the whole conversation, images and all, every turn. Both caches are keyed by
+content, never by request: a prompt position holds its token id, or — for image placeholder tokens — the image's
+pixel digest and pixel budget, so the same text with a different picture (even of the same size) never matches.
+Both are LRU within a byte budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CacheStats", "EncoderCache", "PrefixCache", "PrefixHit", "prompt_keys"]
+
+BLOCK = 16  # prefix lookups walk hashed blocks of this many positions, then compare the rest one by one
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    entries: int = 0
+
+
+def prompt_keys(
+    input_ids: Sequence[int], image_spans: Sequence[tuple[int, int]], image_keys: Sequence[str]
+) -> list[Hashable]:
+    """One key per prompt position: the token id, or (image key, offset) inside an image's placeholder run."""
+    keys: list[Hashable] = list(input_ids)
+    for (start, end), image in zip(image_spans, image_keys, strict=True):
+        for offset in range(end - start):
+            keys[start + offset] = (image, offset)
+    return keys
+
+
+def _block_hashes(keys: Sequence[Hashable]) -> list[int]:
+    hashes, running = [], 0
+    for start in range(0, len(keys) - BLOCK + 1, BLOCK):
+        running = hash((running, tuple(keys[start : start + BLOCK])))
+        hashes.append(running)
+    return hashes
+
+
+def _nbytes(layers: Sequence[tuple[Any, Any]]) -> int:
+    return sum(int(k.numel() * k.element_size() + v.numel() * v.element_size()) for k, v in layers)
+
+
+@dataclass
+class _Entry:
+    keys: list[Hashable]
+    layers: list[tuple[Any, Any]]  # per layer (keys, values), shape (1, kv_heads, len(keys), head_dim)
+    nbytes: int
+    blocks: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    length: int  # positions whose KV can be reused
+    layers: list[tuple[Any, Any]]  # views of the cached tensors, cut to `length`
+
+
+class PrefixCache:
+    """KV of finished sequences, found again by the longest common prefix of a new prompt."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.stats = CacheStats()
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self._by_block: dict[int, set[int]] = {}
+        self._ids = itertools.count()
+
+    def lookup(self, keys: Sequence[Hashable], *, reusable_limit: int) -> PrefixHit | None:
+        """Longest cached prefix of `keys`, at most `reusable_limit` positions long."""
+        best_id, matched = None, 0
+        for depth, block in enumerate(_block_hashes(keys)):
+            holders = self._by_block.get(block)
+            if not holders:
+                break
+            best_id, matched = next(iter(holders)), (depth + 1) * BLOCK
+        if best_id is None:  # not even one block in common: nothing worth reusing
+            self.stats.misses += 1
+            return None
+        entry = self._entries[best_id]
+        limit = min(len(entry.keys), len(keys))
+        while matched < limit and entry.keys[matched] == keys[matched]:
+            matched += 1
+        length = min(matched, reusable_limit)
+        if length <= 0:
+            self.stats.misses += 1
+            return None
+        self._entries.move_to_end(best_id)
+        self.stats.hits += 1
+        return PrefixHit(length=length, layers=[(k[:, :, :length], v[:, :, :length]) for k, v in entry.layers])
+
+    def store(self, keys: list[Hashable], layers: list[tuple[Any, Any]]) -> None:
+        nbytes = _nbytes(layers)
+        if nbytes > self.budget or len(keys) < BLOCK:
+            return
+        for entry_id, entry in list(self._entries.items()):
+            if entry.keys[: len(keys)] == keys:  # the same sequence, or a longer one, is already cached
+                self._entries.move_to_end(entry_id)
+                return
+            if keys[: len(entry.keys)] == entry.keys:  # ours extends a cached one: keep only ours
+                self._drop(entry_id)
+        while self._entries and self.stats.bytes + nbytes > self.budget:
+            self._drop(next(iter(self._entries)))
+            self.stats.evictions += 1
+        entry_id = next(self._ids)
+        entry = _Entry(keys=keys, layers=layers, nbytes=nbytes, blocks=_block_hashes(keys))
+        self._entries[entry_id] = entry
+        for block in entry.blocks:
+            self._by_block.setdefault(block, set()).add(entry_id)
+        self.stats.bytes += nbytes
+        self.stats.entries = len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._by_block.clear()
+        self.stats = CacheStats()
+
+    def _drop(self, entry_id: int) -> None:
+        entry = self._entries.pop(entry_id)
+        for block in entry.blocks:
+            holders = self._by_block.get(block)
+            if holders is not None:
+                holders.discard(entry_id)
+                if not holders:
+                    del self._by_block[block]
+        self.stats.bytes -= entry.nbytes
+        self.stats.entries = len(self._entries)
+
+
+@dataclass
+class _Features:
+    parts: dict[str, Any]  # field name -> tensor, or list of tensors for per-layer fields (deepstack)
+    nbytes: int
+
+
+class EncoderCache:
+    """Vision-encoder outputs per image key (pixel digest + budget)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.stats = CacheStats()
+        self._items: OrderedDict[str, _Features] = OrderedDict()
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.stats = CacheStats()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        item = self._items.get(key)
+        if item is None:
+            self.stats.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.stats.hits += 1
+        return item.parts
+
+    def put(self, key: str, parts: dict[str, Any]) -> None:
+        tensors = [t for v in parts.values() for t in (v if isinstance(v, list) else [v])]
+        nbytes = sum(int(t.numel() * t.element_size()) for t in tensors)
+        if nbytes > self.budget or key in self._items:
+            return
+        while self._items and self.stats.bytes + nbytes > self.budget:
+            _, dropped = self._items.popitem(last=False)
+            self.stats.bytes -= dropped.nbytes
+            self.stats.evictions += 1
+        self._items[key] = _Features(parts=parts, nbytes=nbytes)
+        self.stats.bytes += nbytes
+        self.stats.entries = len(self._items)

@@ -1,0 +1,72 @@
+"""Vision-encoder outputs for a prefill, computed once per image (content + budget) and reused from the cache.
+
+The model then gets `mm_encoder_outputs` instead of `pixel_values`: the same features its own forward would
+compute, scattered into the image placeholders in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vlmbridge.engine.caches import EncoderCache
+from vlmbridge.engine.prompt import ModelInputs
+
+__all__ = ["ImageSlice", "VisionFeatures", "image_slices"]
+
+
+@dataclass(frozen=True)
+class ImageSlice:
+    key: str  # pixel digest @ budget
+    pixels: Any  # this image's rows of pixel_values
+    grid: Any  # its image_grid_thw row, shape (1, 3)
+    span: tuple[int, int]  # its placeholder positions in the prompt
+
+
+def image_slices(inputs: ModelInputs) -> list[ImageSlice]:
+    """Split a prompt's pixel_values per image (one row per patch: t·h·w rows each)."""
+    grids = inputs.tensors.get("image_grid_thw")
+    if grids is None:
+        return []
+    pixels = inputs.tensors["pixel_values"]
+    out, row = [], 0
+    for i, key in enumerate(inputs.image_keys):
+        n = int(grids[i].prod())
+        out.append(ImageSlice(key, pixels[row : row + n], grids[i : i + 1], inputs.image_spans[i]))
+        row += n
+    return out
+
+
+class VisionFeatures:
+    def __init__(self, model: Any, cache: EncoderCache | None) -> None:
+        self._encoder = model.model  # the family's base model owns get_image_features
+        self._cache = cache
+        self._output_cls: Any = None
+
+    def encode(self, images: list[ImageSlice], device: Any) -> Any | None:
+        """The `mm_encoder_outputs["image"]` object for these images, in order; None when there are none."""
+        import torch
+
+        if not images:
+            return None
+        parts: list[dict[str, Any] | None] = [self._cache.get(i.key) if self._cache else None for i in images]
+        missing = [n for n, p in enumerate(parts) if p is None]
+        if missing:
+            pixels = torch.cat([images[n].pixels for n in missing]).to(device)
+            grids = torch.cat([images[n].grid for n in missing]).to(device)
+            out = self._encoder.get_image_features(pixels, grids, return_dict=True)
+            self._output_cls = type(out)
+            deepstack = getattr(out, "deepstack_features", None)
+            for j, n in enumerate(missing):
+                item: dict[str, Any] = {"pooler_output": out.pooler_output[j].clone()}
+                if deepstack is not None:
+                    item["deepstack_features"] = [layer[j].clone() for layer in deepstack]
+                parts[n] = item
+                if self._cache is not None:
+                    self._cache.put(images[n].key, item)
+        ready = [p for p in parts if p is not None]
+        fields: dict[str, Any] = {"pooler_output": tuple(p["pooler_output"] for p in ready)}
+        if "deepstack_features" in ready[0]:
+            layers = len(ready[0]["deepstack_features"])
+            fields["deepstack_features"] = [tuple(p["deepstack_features"][k] for p in ready) for k in range(layers)]
+        return self._output_cls(**fields)
