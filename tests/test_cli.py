@@ -93,3 +93,24 @@ def test_demo_exits_by_itself(tmp_path: Path, args: list[str]) -> None:
     result = vlmbridge(*args, env={"XDG_CACHE_HOME": str(tmp_path)}, timeout=600)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "vlmbridge" / "demo-qwen3_vl" / "config.json").exists()
+
+
+def test_serve_warns_when_exposed_without_an_api_key(tiny_model: TinyFactory) -> None:
+    """Binding beyond loopback without a key starts, but says loudly that anyone can use the model."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmbridge", "serve", str(tiny_model("qwen2")), "--host", "0.0.0.0", "--port", "0"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        for line in proc.stderr:
+            seen += line
+            if "WARNING" in line or "serving" in line:
+                break
+        assert "without an API key" in seen
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -74,8 +74,9 @@ def run_server(settings: Settings) -> None:
         log.warning("listening on %s without an API key", settings.host)
     slot = build_slot(settings, path)
     app = create_app(settings, slot)
+    where = f"http://{settings.host}:{settings.port}/v1" if settings.port else f"{settings.host}, on a free port"
     err_console.print(
-        f"serving {path} as {served_name(settings, path)!r} on http://{settings.host}:{settings.port}/v1 "
+        f"serving {path} as {served_name(settings, path)!r} on {where} "
         "(model loading in the background; GET /health says when it is ready)",
         style="dim",
         markup=False,
