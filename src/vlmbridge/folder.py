@@ -179,7 +179,7 @@ class ModelFolder:
     @property
     def model_type(self) -> str | None:
         value = self.config.get("model_type")
-        return value if isinstance(value, str) else None
+        return value if isinstance(value, str) and value else None
 
     @property
     def architectures(self) -> list[str]:
@@ -193,8 +193,11 @@ class ModelFolder:
 
     @property
     def quantization_config(self) -> Mapping[str, Any] | None:
-        value = self.config.get("quantization_config")
-        return value if isinstance(value, dict) else None
+        for source in (self.config, self.text_config):  # some VLM exports nest it in text_config
+            value = source.get("quantization_config")
+            if isinstance(value, dict):
+                return value
+        return None
 
     @property
     def text_config(self) -> Mapping[str, Any]:

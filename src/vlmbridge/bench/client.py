@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["RequestRecord", "RunResult", "run_load"]
+__all__ = ["RequestRecord", "RunResult", "run_load", "stream_chat"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,14 @@ class RunResult:
         return self.tokens / self.wall if self.wall > 0 else 0.0
 
 
-async def _one(client: httpx.AsyncClient, body: dict[str, Any], count: Callable[[str], int]) -> RequestRecord:
+async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, float, str]:
+    """POST a streaming chat request; (latency, time to first token, text). Raises RuntimeError on errors."""
     start = time.perf_counter()
     first = 0.0
     text: list[str] = []
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -57,14 +58,19 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any], count: Callable[
                 break
             chunk = json.loads(data)
             if "error" in chunk:
-                raise RuntimeError(str(chunk["error"])[:200])
+                raise RuntimeError(str(chunk["error"])[:300])
             for choice in chunk.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
                     text.append(piece)
                     first = first or time.perf_counter()
     end = time.perf_counter()
-    return RequestRecord(latency=end - start, ttft=(first or end) - start, tokens=count("".join(text)))
+    return end - start, (first or end) - start, "".join(text)
+
+
+async def _one(client: httpx.AsyncClient, body: dict[str, Any], count: Callable[[str], int]) -> RequestRecord:
+    latency, ttft, text = await stream_chat(client, body)
+    return RequestRecord(latency=latency, ttft=ttft, tokens=count(text))
 
 
 async def _run(

@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from vlmbridge.bench.client import stream_chat
 from vlmbridge.bench.servers import transformers_serve, vlmbridge_serve
 
 __all__ = ["MultiTurnPlan", "run_multiturn"]
@@ -51,25 +51,6 @@ def _picture(size: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def _turn(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, str]:
-    """(time to first token, answer text) of one streamed turn."""
-    start = time.perf_counter()
-    first = 0.0
-    text: list[str] = []
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:") or line.endswith("[DONE]"):
-                continue
-            for choice in json.loads(line[5:]).get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    text.append(piece)
-                    first = first or time.perf_counter()
-    return (first or time.perf_counter()) - start, "".join(text)
-
-
 async def _conversation(base: str, plan: MultiTurnPlan, seed: int, body_for: Any) -> list[float]:
     messages: list[dict[str, Any]] = []
     ttfts = []
@@ -82,7 +63,7 @@ async def _conversation(base: str, plan: MultiTurnPlan, seed: int, body_for: Any
                     {"type": "text", "text": question},
                 ]
             messages.append({"role": "user", "content": content})
-            ttft, answer = await _turn(client, body_for(messages))
+            _, ttft, answer = await stream_chat(client, body_for(messages))
             ttfts.append(ttft)
             messages.append({"role": "assistant", "content": answer})
     return ttfts

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from vlmbridge.doctor.tfindex import TransformersIndex, load_index
 from vlmbridge.families import Family, family_for
-from vlmbridge.folder import MAX_JSON_BYTES, SafetensorsHeader, read_json_file, read_safetensors_header
+from vlmbridge.folder import (
+    MAX_JSON_BYTES,
+    ModelFolder,
+    SafetensorsHeader,
+    read_json_file,
+    read_safetensors_header,
+)
 from vlmbridge.memory import DeviceBudget, device_budget
 
 if TYPE_CHECKING:
@@ -35,6 +41,7 @@ class DoctorOptions:
     device: str = "auto"
     gpu_memory: int | None = None  # bytes; overrides the device's free memory
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    quantization: str = "none"  # none | bnb-8bit | bnb-4bit | auto (the loader's choice on this device)
     context: int | None = None  # tokens per sequence; default min(model maximum, 32768)
     images: int = 1  # images per sequence
     max_pixels: int | None = None  # per-image pixel cap; default the processor's own limit
@@ -50,6 +57,7 @@ class DoctorOptions:
         values: dict[str, Any] = {
             "device": settings.device,
             "dtype": settings.dtype,
+            "quantization": settings.quantization,
             "context": settings.context_length,
             "max_pixels": settings.max_pixels,
             "batch": settings.max_batch_size,
@@ -146,14 +154,17 @@ class Context:
         return self.config_file.mapping
 
     @property
+    def folder(self) -> ModelFolder:
+        """The config through the loader's own accessors, so doctor and loader never read it differently."""
+        return ModelFolder(path=self.path, config=self.config)
+
+    @property
     def text_config(self) -> Mapping[str, Any]:
-        sub = self.config.get("text_config")
-        return sub if isinstance(sub, dict) else self.config
+        return self.folder.text_config
 
     @property
     def model_type(self) -> str | None:
-        value = self.config.get("model_type")
-        return value if isinstance(value, str) and value else None
+        return self.folder.model_type
 
     @property
     def family(self) -> Family | None:
@@ -161,21 +172,15 @@ class Context:
 
     @property
     def architectures(self) -> list[str]:
-        value = self.config.get("architectures")
-        return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
+        return self.folder.architectures
 
     @property
     def auto_map(self) -> Mapping[str, Any]:
-        value = self.config.get("auto_map")
-        return value if isinstance(value, dict) else {}
+        return self.folder.auto_map
 
     @property
     def quantization_config(self) -> Mapping[str, Any] | None:
-        for source in (self.config, self.text_config):
-            value = source.get("quantization_config")
-            if isinstance(value, dict):
-                return value
-        return None
+        return self.folder.quantization_config
 
     @cached_property
     def is_vlm(self) -> bool:

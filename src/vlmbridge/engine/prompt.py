@@ -133,8 +133,7 @@ class PromptBuilder:
         parts = [p for m in messages for p in m.images]
         common: dict[str, Any] = dict(
             tokenize=True,
-            add_generation_prompt=messages[-1].role != "assistant",
-            continue_final_message=messages[-1].role == "assistant",
+            add_generation_prompt=True,  # as vLLM: a trailing assistant message is history, a new turn follows
             return_dict=True,
             return_tensors="pt",
             sanitize_control_tokens=True,
