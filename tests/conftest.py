@@ -55,3 +55,17 @@ def tiny_copy(tiny_model: TinyFactory, tmp_path: Path) -> TinyFactory:
         return dst
 
     return get
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `@pytest.mark.gpu` tests where torch sees no CUDA device (torch is imported only if there are any)."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False here")
+    for item in gpu:
+        item.add_marker(skip)

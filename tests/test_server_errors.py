@@ -197,7 +197,12 @@ def test_failed_load_is_reported_not_fatal(tiny_copy: TinyFactory) -> None:
 
 def test_request_timeout(tiny_model: TinyFactory) -> None:
     with running(tiny_model("qwen2"), request_timeout=0.3) as s:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20000}
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 20000,
+            "ignore_eos": True,
+        }
         assert_error(s.post(body), 504, code="request_timeout")
         with httpx.stream("POST", f"{s.v1}/chat/completions", json={**body, "stream": True}, timeout=60) as r:
             raw = r.read().decode()

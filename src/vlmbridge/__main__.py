@@ -2,4 +2,4 @@
 
 from vlmbridge.cli.app import main
 
-main()
+raise SystemExit(main())

@@ -10,6 +10,7 @@ or status codes.
     ├── RemoteCodeRefusedError  config has auto_map and the folder is not allowlisted with matching pins
     ├── UnsafeWeightsError      only pickle (.bin) weights and they were not explicitly allowed
     ├── DeviceError             device or dtype not available here
+    ├── QuantizationError       quantization package missing, device without its kernels, refused dequantization
     ├── ModelLoadError          transformers failed while loading; carries the classified cause
     ├── InvalidRequestError     bad input from a caller (carries `param`)
     │   ├── ImageInputError     undecodable image, refused URL, over a size/pixel/count limit
@@ -37,6 +38,7 @@ __all__ = [
     "ModelNotFoundError",
     "NotSupportedError",
     "PayloadTooLargeError",
+    "QuantizationError",
     "QueueFullError",
     "RemoteCodeRefusedError",
     "RequestTimeoutError",
@@ -76,6 +78,11 @@ class UnsafeWeightsError(VlmbridgeError):
 
 class DeviceError(VlmbridgeError):
     """The requested device or dtype does not exist or is not usable here."""
+
+
+class QuantizationError(VlmbridgeError):
+    """A quantized load cannot happen as asked: a package is missing, the device has no kernels for the format
+    (and dequantizing it, ~2× the memory, was not allowed), or the checkpoint cannot be (re-)quantized."""
 
 
 class ModelLoadError(VlmbridgeError):

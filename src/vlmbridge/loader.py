@@ -22,6 +22,7 @@ from vlmbridge.errors import (
 )
 from vlmbridge.families import MIN_TRANSFORMERS, family_for
 from vlmbridge.folder import ModelFolder
+from vlmbridge.quantized_load import prepare_quantization
 from vlmbridge.remote_code import check_remote_code
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ class LoadOptions:
     attn_implementation: str = "sdpa"
     allow_pickle_weights: bool = False
     trust_remote_code: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    quantization: str = "none"  # none | bnb-8bit | bnb-4bit | auto (follow the memory plan on this device)
+    allow_dequantize: bool = False  # load a pre-quantized checkpoint dequantized where the device lacks kernels
+    context_length: int | None = None  # what `auto` plans for: one request of this context …
+    max_pixels: int | None = None  # … with one image under this pixel budget
 
 
 @dataclass
@@ -59,6 +64,8 @@ class LoadedModel:
     device: torch.device
     remote_code: bool
     load_seconds: float
+    quantization: str = "none"  # none, bnb-8bit, bnb-4bit, or the checkpoint's own (fp8, "fp8 → dequantized", …)
+    quantization_reason: str = ""
 
     @property
     def model_class(self) -> str:
@@ -218,6 +225,18 @@ def load_model(
     auto_cls = getattr(transformers, auto_name)
 
     try:
+        quant = prepare_quantization(
+            folder,
+            quantization=options.quantization,
+            allow_dequantize=options.allow_dequantize,
+            device=device,
+            dtype=dtype,
+            dtype_name=options.dtype,
+            context=options.context_length,
+            max_pixels=options.max_pixels,
+            remote=remote,
+            say=say,
+        )
         say("loading processor" if kind == "vlm" else "loading tokenizer")
         processor = None
         if kind == "vlm":
@@ -235,9 +254,15 @@ def load_model(
         else:
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder.path, trust_remote_code=remote)
 
-        say(f"loading weights as {str(dtype).removeprefix('torch.')} on {device}")
+        as_quantized = "" if quant.label == "none" else f", {quant.label}"
+        say(f"loading weights as {str(dtype).removeprefix('torch.')}{as_quantized} on {device}")
         load_kwargs: dict[str, Any] = dict(
-            dtype=dtype, device_map={"": device}, trust_remote_code=remote, output_loading_info=True, **weights
+            dtype=dtype,
+            device_map={"": device},
+            trust_remote_code=remote,
+            output_loading_info=True,
+            **weights,
+            **quant.kwargs,
         )
         try:
             model, info = auto_cls.from_pretrained(
@@ -258,12 +283,13 @@ def load_model(
 
     elapsed = time.perf_counter() - started
     log.info(
-        "loaded %s (%s via %s) from %s as %s on %s in %.2fs",
+        "loaded %s (%s via %s) from %s as %s (quantization: %s) on %s in %.2fs",
         type(model).__name__,
         kind,
         auto_name,
         folder.path,
         dtype,
+        quant.label,
         device,
         elapsed,
     )
@@ -278,6 +304,8 @@ def load_model(
         device=device,
         remote_code=remote,
         load_seconds=elapsed,
+        quantization=quant.label,
+        quantization_reason=quant.reason,
     )
 
 

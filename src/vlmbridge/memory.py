@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from vlmbridge.budget import DeviceBudget, device_budget, format_bytes, parse_size
 from vlmbridge.folder import SafetensorsHeader
@@ -67,7 +67,10 @@ _QUANT_HEADER_DTYPES = {"F8_E4M3", "F8_E5M2", "F4", "F6_E2M3", "F6_E3M2"}
 # Packed-int quantized weights (GPTQ/AWQ/compressed-tensors) hold several weights per int32.
 _PACKED_SUFFIXES = (".qweight", ".weight_packed")
 _QUANT_AUX_SUFFIXES = (".qzeros", ".scales", ".g_idx", ".weight_scale", ".weight_scale_inv", ".input_scale",
-                       ".weight_zero_point", ".weight_shape", ".weight_global_scale")  # fmt: skip
+                       ".weight_zero_point", ".weight_shape", ".weight_global_scale",
+                       # bitsandbytes' saved quantization state (nf4 absmax/quant_map, int8 row scales)
+                       ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+                       ".quant_state.bitsandbytes__fp4", ".SCB", ".weight_format")  # fmt: skip
 _VISION_PREFIXES = ("visual.", "model.visual.", "vision_tower.", "model.vision_tower.", "vision_model.")
 
 
@@ -78,17 +81,28 @@ class WeightStats:
 
     stored_bytes: int
     params: int  # logical parameters: packed quantized weights counted unpacked, scales/zeros not counted
-    linear_params: int  # 2-D Linear weights: what bitsandbytes would quantize
+    linear_params: int  # 2-D Linear weights
     linear_rows: int  # their output rows (one int8 scale each)
     vision_params: int
     tensors: int
     bytes_by_dtype: Mapping[str, int]
     stored_float: str | None  # bf16/fp16/fp32: the dominant floating dtype as stored
     quantized: bool  # FP8/FP4 or packed-int tensors present: a pre-quantized checkpoint
+    vision_linear_params: int = 0  # the vision tower's share of linear_params / linear_rows
+    vision_linear_rows: int = 0
+
+    @property
+    def bnb_params(self) -> int:
+        """What bitsandbytes quantizes: the language model's linear weights (the loader keeps the ViT in bf16)."""
+        return self.linear_params - self.vision_linear_params
+
+    @property
+    def bnb_rows(self) -> int:
+        return self.linear_rows - self.vision_linear_rows
 
     @property
     def other_params(self) -> int:
-        return self.params - self.linear_params
+        return self.params - self.bnb_params
 
 
 def _is_linear_weight(name: str, shape: Sequence[int]) -> bool:
@@ -106,10 +120,13 @@ def weight_stats(
     headers: Iterable[SafetensorsHeader], quantization_config: Mapping[str, Any] | None = None
 ) -> WeightStats:
     """Sum the tensors of every shard header. Tensors named in several shards are counted once."""
-    bits = quantization_config.get("bits") if quantization_config else None
-    per_int32 = 32 // bits if isinstance(bits, int) and bits in (2, 3, 4, 8) else 8
+    bits = _quant_bits(quantization_config)
+    per_int32 = 32 // bits if bits in (2, 4, 8) else 8
+    # bitsandbytes nf4/fp4 checkpoints store two 4-bit weights per uint8 of `.weight`.
+    qc = quantization_config or {}
+    bnb4 = bool(qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
     seen: set[str] = set()
-    stored = params = linear = rows = vision = 0
+    stored = params = linear = rows = vision = vision_linear = vision_rows = 0
     by_dtype: dict[str, int] = {}
     quantized = False
     for header in headers:
@@ -126,13 +143,19 @@ def weight_stats(
             if name.endswith(_PACKED_SUFFIXES):
                 quantized = True
                 numel *= per_int32
+            elif bnb4 and dtype == "U8" and name.endswith(".weight"):
+                numel *= 2
             elif name.endswith(_QUANT_AUX_SUFFIXES):
                 continue
             params += numel
-            if _is_linear_weight(name, shape) or name.endswith(_PACKED_SUFFIXES):
+            is_vision = name.startswith(_VISION_PREFIXES)
+            if _is_linear_weight(name, shape) or name.endswith(_PACKED_SUFFIXES) or (bnb4 and dtype == "U8"):
                 linear += numel
                 rows += shape[0] if shape else 0
-            if name.startswith(_VISION_PREFIXES):
+                if is_vision:
+                    vision_linear += numel
+                    vision_rows += shape[0] if shape else 0
+            if is_vision:
                 vision += numel
     floats = {_HEADER_FLOAT[d]: n for d, n in by_dtype.items() if d in _HEADER_FLOAT}
     return WeightStats(
@@ -145,7 +168,23 @@ def weight_stats(
         bytes_by_dtype=by_dtype,
         stored_float=max(floats, key=lambda k: floats[k]) if floats else None,
         quantized=quantized or bool(quantization_config),
+        vision_linear_params=vision_linear,
+        vision_linear_rows=vision_rows,
     )
+
+
+def _quant_bits(qc: Mapping[str, Any] | None) -> int | None:
+    """Bits per packed weight: `bits` (GPTQ/AWQ) or the first compressed-tensors weight group's `num_bits`."""
+    if not qc:
+        return None
+    if isinstance(qc.get("bits"), int):
+        return int(qc["bits"])
+    groups = qc.get("config_groups")
+    for group in groups.values() if isinstance(groups, Mapping) else ():
+        weights = group.get("weights") if isinstance(group, Mapping) else None
+        if isinstance(weights, Mapping) and isinstance(weights.get("num_bits"), int):
+            return int(weights["num_bits"])
+    return None
 
 
 # --- estimate ----------------------------------------------------------------------------------------------
@@ -180,6 +219,12 @@ class Estimate:
         return asdict(self)
 
 
+def _bnb_quantized_bytes(stats: WeightStats, option: LoadOption) -> int:
+    if option == "bnb-8bit":
+        return stats.bnb_params + stats.bnb_rows * 4
+    return stats.bnb_params // 2 + math.ceil(stats.bnb_params / _NF4_BLOCK) * 4  # bnb-4bit
+
+
 def _option_weights(stats: WeightStats, option: LoadOption) -> int:
     if option in ("as-stored", "pre-quantized"):
         return stats.stored_bytes
@@ -191,10 +236,7 @@ def _option_weights(stats: WeightStats, option: LoadOption) -> int:
             else sum(n for d, n in stats.bytes_by_dtype.items() if d.startswith(("I", "U", "BOOL")))
         )
         return stats.params * _DTYPE_BYTES[option] + ints
-    others = stats.other_params * 2
-    if option == "bnb-8bit":
-        return stats.linear_params + stats.linear_rows * 4 + others
-    return stats.linear_params // 2 + math.ceil(stats.linear_params / _NF4_BLOCK) * 4 + others  # bnb-4bit
+    return _bnb_quantized_bytes(stats, option) + stats.other_params * 2
 
 
 def _compute_dtype(stats: WeightStats, option: LoadOption, device_kind: str) -> str:
@@ -213,6 +255,8 @@ def estimate(
     dtype = _compute_dtype(stats, option, device_kind)
     act = _DTYPE_BYTES[dtype]
     weights = _option_weights(stats, option)
+    if option == "as-stored" and not stats.quantized and dtype != (stats.stored_float or dtype):
+        weights = _option_weights(stats, cast(LoadOption, dtype))  # fp16 on the CPU loads as fp32
     per_token = kv_bytes_per_token(geo, act)
     kv = per_token * workload.context * workload.batch
     # Prefill peak inside one decoder layer: residual + normed input (2·hidden) and the MLP's gate/up/product.
@@ -223,6 +267,8 @@ def estimate(
         tokens = image_tokens(*workload.image_size, v, workload.max_pixels)
         patches = tokens * v.merge_size**2
         pixel_row = v.in_channels * v.temporal_patch_size * v.patch_size**2 * 4  # fp32 pixel_values
+        if device_kind == "cpu":  # preprocessing's own fp32 copy of the image shares the RAM (measured: 2×)
+            pixel_row *= 2
         per_patch = (4 * v.hidden + 3 * v.intermediate) * act + pixel_row
         merged = tokens * v.out_hidden * (1 + v.deepstack_layers) * act
         vision_act = (patches * per_patch + merged) * workload.images * workload.batch

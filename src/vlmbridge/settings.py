@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vlmbridge.quantization import QuantizationName
+
 if TYPE_CHECKING:
     from vlmbridge.loader import LoadOptions
 
-__all__ = ["DTypeName", "Settings", "parse_remote_code_pin"]
+__all__ = ["DTypeName", "QuantizationName", "Settings", "parse_remote_code_pin"]
 
 DTypeName = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -58,6 +60,17 @@ class Settings(BaseSettings):
     )
     allow_pickle_weights: bool = Field(
         False, description="Allow loading pickle .bin weights (unsafe: pickle can run code). Off by default."
+    )
+    quantization: QuantizationName = Field(
+        "auto",
+        description="auto: quantize with bitsandbytes only if the model does not fit the device unquantized (the "
+        "`vlmbridge plan` choice, logged); none; bnb-8bit (int8); bnb-4bit (nf4). Pre-quantized checkpoints "
+        "always load as stored.",
+    )
+    allow_dequantize: bool = Field(
+        False,
+        description="Load a pre-quantized checkpoint the device has no kernels for (FP8 below compute capability "
+        "8.9, compressed-tensors int formats) dequantized, at 2-4x its memory. Off: that is an error.",
     )
     trust_remote_code: Annotated[dict[str, dict[str, str]], NoDecode] = Field(
         default_factory=dict,
@@ -170,6 +183,10 @@ class Settings(BaseSettings):
             attn_implementation=self.attn_implementation,
             allow_pickle_weights=self.allow_pickle_weights,
             trust_remote_code=self.trust_remote_code,
+            quantization=self.quantization,
+            allow_dequantize=self.allow_dequantize,
+            context_length=self.context_length,
+            max_pixels=self.max_pixels,
         )
 
     @field_validator("trust_remote_code", mode="before")

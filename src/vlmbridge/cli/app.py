@@ -25,7 +25,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from vlmbridge.cli import bench, chat, doctor, explain, serve, tiny
+    from vlmbridge.cli import bench, chat, doctor, explain, plan, quantize, serve, tiny
 
     app.command("demo")(serve.demo)
     app.command("serve")(serve.serve)
@@ -33,6 +33,8 @@ def _register() -> None:
     app.command("tiny-model")(tiny.tiny_model)
     app.command("doctor")(doctor.doctor)
     app.command("explain")(explain.explain_command)
+    app.command("plan")(plan.plan)
+    app.command("quantize")(quantize.quantize)
     app.command("bench")(bench.bench)
     from vlmbridge.cli.dify import app as dify_app
 

@@ -11,10 +11,12 @@ import typer
 
 from vlmbridge.cli.console import err_console, out_console, stage_printer
 from vlmbridge.cli.options import (
+    AllowDequantizeOpt,
     AllowPickleOpt,
     DeviceOpt,
     DTypeOpt,
     MaxPixelsOpt,
+    QuantizationOpt,
     TrustRemoteCodeOpt,
     settings_from,
 )
@@ -128,6 +130,8 @@ def chat(
     max_pixels: MaxPixelsOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     allow_pickle_weights: AllowPickleOpt = None,
+    quantization: QuantizationOpt = None,
+    allow_dequantize: AllowDequantizeOpt = None,
 ) -> None:
     """One answer from a model folder, streamed to the terminal — the quickest proof the model sees the image."""
     settings = settings_from(
@@ -136,6 +140,8 @@ def chat(
         max_pixels=max_pixels,
         trust_remote_code=trust_remote_code,
         allow_pickle_weights=allow_pickle_weights,
+        quantization=quantization,
+        allow_dequantize=allow_dequantize,
     )
     run_chat(
         settings, model_dir, prompt, list(image or []), system=system, max_tokens=max_tokens, temperature=temperature,

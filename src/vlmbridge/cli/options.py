@@ -8,7 +8,16 @@ import typer
 
 from vlmbridge.settings import Settings
 
-__all__ = ["AllowPickleOpt", "DTypeOpt", "DeviceOpt", "MaxPixelsOpt", "TrustRemoteCodeOpt", "settings_from"]
+__all__ = [
+    "AllowDequantizeOpt",
+    "AllowPickleOpt",
+    "DTypeOpt",
+    "DeviceOpt",
+    "MaxPixelsOpt",
+    "QuantizationOpt",
+    "TrustRemoteCodeOpt",
+    "settings_from",
+]
 
 DTypeOpt = Annotated[
     str | None,
@@ -32,6 +41,25 @@ AllowPickleOpt = Annotated[
     typer.Option(
         "--allow-pickle-weights/--refuse-pickle-weights",
         help="Load pickle .bin weights (unsafe). [env: VLMBRIDGE_ALLOW_PICKLE_WEIGHTS]",
+        show_default=False,
+    ),
+]
+
+QuantizationOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantization",
+        help="auto (bitsandbytes only if the model does not fit unquantized; logs why), none, bnb-8bit or "
+        "bnb-4bit. [env: VLMBRIDGE_QUANTIZATION] [default: auto]",
+        show_default=False,
+    ),
+]
+AllowDequantizeOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-dequantize/--refuse-dequantize",
+        help="Load a pre-quantized checkpoint this device has no kernels for (FP8 below compute capability 8.9) "
+        "dequantized, at 2-4x its memory, instead of refusing. [env: VLMBRIDGE_ALLOW_DEQUANTIZE]",
         show_default=False,
     ),
 ]

@@ -12,10 +12,12 @@ import typer
 
 from vlmbridge.cli.console import err_console, out_console
 from vlmbridge.cli.options import (
+    AllowDequantizeOpt,
     AllowPickleOpt,
     DeviceOpt,
     DTypeOpt,
     MaxPixelsOpt,
+    QuantizationOpt,
     TrustRemoteCodeOpt,
     settings_from,
 )
@@ -117,6 +119,8 @@ def serve(
     skip_doctor: Annotated[bool | None, typer.Option("--skip-doctor", help="Start despite doctor errors.")] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     allow_pickle_weights: AllowPickleOpt = None,
+    quantization: QuantizationOpt = None,
+    allow_dequantize: AllowDequantizeOpt = None,
 ) -> None:
     """Serve a model folder with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
     settings = settings_from(
@@ -125,7 +129,8 @@ def serve(
         allow_image_hosts=allow_image_host, allow_local_dirs=allow_local_dir, max_batch_size=max_batch_size,
         max_queue=max_queue, request_timeout=request_timeout, skip_doctor=skip_doctor,
         prefix_cache_mb=prefix_cache_mb, encoder_cache_mb=encoder_cache_mb,
-        trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights,
+        trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights, quantization=quantization,
+        allow_dequantize=allow_dequantize,
     )  # fmt: skip
     run_server(settings)
 

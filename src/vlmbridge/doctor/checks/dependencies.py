@@ -6,49 +6,19 @@ only when it was requested — an `undefined symbol` there is exactly what we ne
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from vlmbridge.doctor.context import Context
 from vlmbridge.doctor.findings import Evidence, Finding, Severity
+from vlmbridge.quantization import QUANT_PACKAGES, installed
 
 __all__ = ["QUANT_PACKAGES", "check_dependencies", "check_quantization", "installed"]
 
-_ACC = ("accelerate", "accelerate")
-# quant_method → (import name, pip name) it needs; from transformers' quantizers' validate_environment.
-QUANT_PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {
-    "bitsandbytes": (("bitsandbytes", "bitsandbytes"), _ACC),
-    "gptq": (("optimum", "optimum"), ("gptqmodel", "gptqmodel")),
-    "awq": (("gptqmodel", "gptqmodel"), _ACC),
-    "compressed-tensors": (("compressed_tensors", "compressed-tensors"),),
-    "fp8": (_ACC,),
-    "fbgemm_fp8": (("fbgemm_gpu", "fbgemm-gpu"), _ACC),
-    "aqlm": (("aqlm", "aqlm[gpu,cpu]"), _ACC),
-    "hqq": (("hqq", "hqq"),),
-    "quanto": (("optimum.quanto", "optimum-quanto"), _ACC),
-    "eetq": (("kernels", "kernels"), _ACC),
-    "higgs": (("flute", "flute-kernel"), ("fast_hadamard_transform", "fast-hadamard-transform"), _ACC),
-    "torchao": (("torchao", "torchao"),),
-    "mxfp4": (("kernels", "kernels"), _ACC),
-    "auto-round": (("auto_round", "auto-round"),),
-    "bitnet": (_ACC,),
-    "quark": (("quark", "amd-quark"),),
-    "fp_quant": (("fp_quant", "fp_quant"),),
-    "vptq": (("vptq", "vptq"),),
-    "spqr": (("spqr_quant", "spqr_quant"),),
-    "gguf": (("gguf", "gguf"),),
-}
 _FP8_MIN_CC = (8, 9)
 _FA2_MIN_CC = (8, 0)
 _TP_SIZES = (1, 2, 4, 8)
-
-
-def installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def check_dependencies(ctx: Context) -> Iterator[Finding]:
@@ -193,6 +163,7 @@ def _check_fp8(ctx: Context, evidence: Evidence) -> Iterator[Finding]:
             Severity.WARNING,
             f"FP8 weights {where}: transformers dequantizes them to bf16, about twice the memory of the FP8 "
             "checkpoint (FP8 kernels need compute capability >= 8.9: L4, RTX 40xx, H100)",
-            fix="use the bf16 checkpoint or an AWQ/GPTQ one on this device, or a GPU with compute capability >= 8.9",
+            fix="use the bf16 checkpoint or an AWQ/GPTQ one on this device, or a GPU with compute capability >= 8.9; "
+            "vlmbridge loads it dequantized only with --allow-dequantize",
             evidence=evidence,
         )

@@ -22,11 +22,10 @@ from vlmbridge.memory import (
     max_context_that_fits,
     weight_stats,
 )
+from vlmbridge.plan import DEFAULT_CONTEXT_CAP
+from vlmbridge.quantization import detect, runtime
 
 __all__ = ["DEFAULT_CONTEXT_CAP", "check_memory"]
-
-DEFAULT_CONTEXT_CAP = 32768  # the server's default context: min(model maximum, 32768)
-_FP8_MIN_CC = (8, 9)
 
 
 def _count(n: int) -> str:
@@ -44,17 +43,33 @@ def _gib(n: int) -> str:
     return format_bytes(n, binary=True)
 
 
-def _chosen_option(ctx: Context, stats: WeightStats, device_kind: str) -> LoadOption:
+def _chosen_option(ctx: Context, stats: WeightStats, geo: ModelGeometry, device_kind: str) -> LoadOption:
+    pre = detect(ctx.config)
+    if pre is not None:
+        rt = runtime(pre, device_kind, ctx.budget.compute_capability)
+        return "bf16" if rt.dequantized else "pre-quantized"  # dequantized: VB402 (FP8), or --allow-dequantize
+    quantization = ctx.options.quantization
+    if quantization == "auto":
+        quantization = _auto_choice(ctx, stats, geo)
+    if quantization in ("bnb-8bit", "bnb-4bit"):
+        return quantization  # type: ignore[return-value]
     dtype = ctx.options.dtype
     if dtype in ("bf16", "fp16", "fp32"):
         return dtype  # type: ignore[return-value]
-    if not stats.quantized:
-        return "as-stored"
-    qc = ctx.quantization_config or {}
-    cc = ctx.budget.compute_capability
-    if str(qc.get("quant_method", "")).lower() == "fp8" and (device_kind == "cpu" or (cc and cc < _FP8_MIN_CC)):
-        return "bf16"  # transformers dequantizes FP8 here (VB402)
-    return "pre-quantized"
+    return "as-stored"
+
+
+def _auto_choice(ctx: Context, stats: WeightStats, geo: ModelGeometry) -> str:
+    """What the loader's --quantization auto will pick: the plan for one request, as the loader makes it."""
+    from vlmbridge.folder import ModelFolder
+    from vlmbridge.plan import Checkpoint, PlanInputs, choose_quantization, make_plan
+
+    opts = ctx.options
+    checkpoint = Checkpoint(ModelFolder(ctx.path, ctx.config), stats, geo, None)
+    inputs = PlanInputs(
+        device=opts.device, gpu_memory=opts.gpu_memory, context=opts.context, max_pixels=opts.max_pixels
+    )
+    return choose_quantization(make_plan(checkpoint, inputs), opts.dtype)[0]
 
 
 def check_memory(ctx: Context) -> Iterator[Finding]:
@@ -89,7 +104,7 @@ def check_memory(ctx: Context) -> Iterator[Finding]:
     )
     budget = ctx.budget
     device_kind = "cpu" if budget.kind == "cpu" else "cuda"
-    option = _chosen_option(ctx, stats, device_kind)
+    option = _chosen_option(ctx, stats, geo, device_kind)
     chosen = estimate(stats, geo, workload, option, device_kind=device_kind)
     table = estimate_options(stats, geo, workload, device_kind=device_kind, budget=budget.free)
     ctx.facts["memory"] = _facts(stats, geo, workload, chosen, table, budget.free, budget.name, budget.kind)
