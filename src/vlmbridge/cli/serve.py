@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from vlmbridge.cli.console import err_console, out_console
 from vlmbridge.cli.options import (
@@ -167,7 +168,7 @@ def demo(
         err_console.print(f"server ready at {base_url}/v1 in {time.perf_counter() - started:.1f}s", style="dim")
         client = OpenAI(base_url=f"{base_url}/v1", api_key="demo", max_retries=0)
         data_url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
-        out_console.print(f"[bold]user:[/] [image {picture.name}] What is in this picture?")
+        out_console.print(f"[bold]user:[/] {escape(f'[image {picture.name}]')} What is in this picture?")
         out_console.print("[bold]assistant:[/] ", end="")
         usage = None
         stream = client.chat.completions.create(
