@@ -103,8 +103,10 @@ def test_blocking_request_as_dify_reads_it(server: Server) -> None:
     r = httpx.post(f"{server.v1}/chat/completions", json=body, headers=HEADERS, timeout=120)
     assert r.status_code == 200
     payload = r.json()
-    assert (payload["choices"][0]["message"]["content"] or "") is not None
+    assert isinstance(payload["choices"][0]["message"]["content"], str)
     assert payload["usage"]["completion_tokens"] >= 1
+    # The picture was fed: 64×64 is raised to Qwen3-VL's 256×256 minimum → 8×8 merged patches.
+    assert payload["usage"]["prompt_tokens_details"]["image_tokens"] == 64
 
 
 def test_extended_mode_chat_template_kwargs(server: Server) -> None:
