@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import TinyFactory
 from tests.helpers import png_bytes
-from tests.server_utils import MODEL, image_message, running
+from tests.server_utils import MODEL, Server, image_message, running
 
 
 class _PictureServer:
@@ -81,6 +81,13 @@ def test_allow_listed_host_is_fetched_once(tiny_model: TinyFactory, pictures: _P
     assert pictures.hits == 1
 
 
+def wait_for_cancel(server: Server, timeout: float = 10) -> None:
+    """The server learns of a disconnect asynchronously: give it a moment to cancel."""
+    deadline = time.monotonic() + timeout
+    while server.metric("vlmbridge_cancelled_requests") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_client_disconnect_cancels_within_one_step(tiny_model: TinyFactory) -> None:
     with running(tiny_model("qwen2")) as s:
         body = {
@@ -97,9 +104,7 @@ def test_client_disconnect_cancels_within_one_step(tiny_model: TinyFactory) -> N
                     seen += 1
                 if seen >= 5:
                     break  # leaving the block closes the connection
-        deadline = time.monotonic() + 10
-        while s.metric("vlmbridge_cancelled_requests") < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_cancel(s)
         assert s.metric("vlmbridge_cancelled_requests") == 1
         assert s.metric("vlmbridge_decode_steps_after_cancel") <= 1
         steps = s.metric("vlmbridge_decode_steps")
@@ -118,9 +123,7 @@ def test_non_stream_disconnect_cancels_too(tiny_model: TinyFactory) -> None:
         }
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{s.v1}/chat/completions", json=body, timeout=1.0)
-        deadline = time.monotonic() + 10
-        while s.metric("vlmbridge_cancelled_requests") < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_cancel(s)
         assert s.metric("vlmbridge_cancelled_requests") == 1
         assert s.metric("vlmbridge_decode_steps_after_cancel") <= 1
 

@@ -16,6 +16,7 @@ from typing import Any
 from vlmbridge.errors import ModelFolderError
 
 __all__ = [
+    "HEADER_FLOAT_DTYPES",
     "MAX_JSON_BYTES",
     "MAX_SAFETENSORS_HEADER_BYTES",
     "ModelFolder",
@@ -29,14 +30,6 @@ __all__ = [
 MAX_JSON_BYTES = 64 * 1024 * 1024
 # Real headers are a few MB at most (MoE with thousands of tensors); refuse absurd claims before allocating.
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
-
-_SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8,
-    "F32": 4, "I32": 4, "U32": 4,
-    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
-    "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
-}  # fmt: skip
 
 
 def read_json_file(path: Path, *, limit: int = MAX_JSON_BYTES) -> Any:
@@ -108,16 +101,12 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     )
 
 
-def safetensors_dtype_bytes(dtype: str) -> int | None:
-    return _SAFETENSORS_DTYPE_BYTES.get(dtype)
-
-
 _CONFIG_DTYPE_ALIASES = {
     "bfloat16": "bf16", "torch.bfloat16": "bf16",
     "float16": "fp16", "torch.float16": "fp16", "half": "fp16",
     "float32": "fp32", "torch.float32": "fp32", "float": "fp32",
 }  # fmt: skip
-_HEADER_DTYPE_ALIASES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+HEADER_FLOAT_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 def stored_dtype_name(config: Mapping[str, Any]) -> str | None:
@@ -234,6 +223,6 @@ class ModelFolder:
             except (OSError, ValueError):
                 return None
             for dtype, _, _ in header.tensors.values():
-                if dtype in _HEADER_DTYPE_ALIASES:
-                    return _HEADER_DTYPE_ALIASES[dtype]
+                if dtype in HEADER_FLOAT_DTYPES:
+                    return HEADER_FLOAT_DTYPES[dtype]
         return None

@@ -20,7 +20,7 @@ from vlmbridge.errors import (
     UnsupportedModelError,
     VlmbridgeError,
 )
-from vlmbridge.families import MIN_TRANSFORMERS, family_for
+from vlmbridge.families import MIN_TRANSFORMERS
 from vlmbridge.folder import ModelFolder
 from vlmbridge.quantized_load import prepare_quantization
 from vlmbridge.remote_code import check_remote_code
@@ -342,8 +342,3 @@ def _classified(exc: Exception, folder: ModelFolder) -> ModelLoadError:
     return ModelLoadError(
         f"loading {folder.path} failed: {match.cause} ({first_line})", fix=match.fix, cause=match.code
     )
-
-
-def family_name(folder: ModelFolder) -> str:
-    fam = family_for(folder.model_type)
-    return fam.display_name if fam else (folder.model_type or "unknown")

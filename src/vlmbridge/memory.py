@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, cast
 
 from vlmbridge.budget import DeviceBudget, device_budget, format_bytes, parse_size
-from vlmbridge.folder import SafetensorsHeader
+from vlmbridge.folder import HEADER_FLOAT_DTYPES, SafetensorsHeader
 from vlmbridge.geometry import (
     ModelGeometry,
     VisionGeometry,
@@ -62,7 +62,6 @@ CUDA_CONTEXT_BYTES = 512 * 1024**2
 # bitsandbytes nf4 keeps one fp32 absmax per block of 64 weights; int8 one fp32 scale per output row.
 _NF4_BLOCK = 64
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-_HEADER_FLOAT = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 _QUANT_HEADER_DTYPES = {"F8_E4M3", "F8_E5M2", "F4", "F6_E2M3", "F6_E3M2"}
 # Packed-int quantized weights (GPTQ/AWQ/compressed-tensors) hold several weights per int32.
 _PACKED_SUFFIXES = (".qweight", ".weight_packed")
@@ -157,7 +156,7 @@ def weight_stats(
                     vision_rows += shape[0] if shape else 0
             if is_vision:
                 vision += numel
-    floats = {_HEADER_FLOAT[d]: n for d, n in by_dtype.items() if d in _HEADER_FLOAT}
+    floats = {HEADER_FLOAT_DTYPES[d]: n for d, n in by_dtype.items() if d in HEADER_FLOAT_DTYPES}
     return WeightStats(
         stored_bytes=stored,
         params=params,

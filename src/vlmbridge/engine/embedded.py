@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -82,7 +82,6 @@ class PreparedRequest:
     request: GenerationRequest
     inputs: ModelInputs
     max_new_tokens: int
-    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

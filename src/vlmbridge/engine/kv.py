@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "cache_length",
     "concat_caches",
     "left_pad_cache",
     "select_rows",
@@ -28,10 +27,6 @@ def supports_batch_surgery(cache: Any) -> bool:
 
     layers = _layers(cache)
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-def cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length())
 
 
 def left_pad_cache(cache: Any, n: int) -> None:

@@ -7,8 +7,7 @@ outputs, computed once per image content and pixel budget.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +54,9 @@ class Prefiller:
         if self.prefix_cache is None:
             return None
         inputs = seq.prepared.inputs
-        keys = prompt_keys(inputs.input_ids[0].tolist(), inputs.image_spans, inputs.image_keys)
-        hit = self.prefix_cache.lookup(keys, reusable_limit=inputs.prompt_tokens - 1)  # >= 1 token left to run
+        hit = self.prefix_cache.lookup(
+            self._keys(seq), reusable_limit=inputs.prompt_tokens - 1
+        )  # >= 1 token left to run
         if hit is None:
             return None
         length = hit.length
@@ -69,12 +69,19 @@ class Prefiller:
             hit = PrefixHit(length=length, layers=[(k[:, :, :length], v[:, :, :length]) for k, v in hit.layers])
         return hit
 
+    @staticmethod
+    def _keys(seq: Sequence) -> list[Hashable]:
+        """The prompt's content keys, worked out once per request (lookup at start, filing at the end)."""
+        if seq.prompt_keys is None:
+            inputs = seq.prepared.inputs
+            seq.prompt_keys = prompt_keys(inputs.input_ids[0].tolist(), inputs.image_spans, inputs.image_keys)
+        return seq.prompt_keys
+
     def remember(self, seq: Sequence, cache: Any, mask_row: Any, row: int) -> None:
         """Keep a finished sequence's KV (prompt + all generated tokens but the last, which was never fed)."""
         if self.prefix_cache is None or seq.finish not in ("stop", "length"):
             return
-        inputs = seq.prepared.inputs
-        keys = prompt_keys(inputs.input_ids[0].tolist(), inputs.image_spans, inputs.image_keys) + seq.tokens[:-1]
+        keys = self._keys(seq) + seq.tokens[:-1]
         n = int(mask_row.sum())
         if n != len(keys):  # the cache row does not hold what we think: do not risk serving it
             return
@@ -92,10 +99,9 @@ class Prefiller:
         return {"mm_encoder_outputs": {"image": features}} if features is not None else {}
 
     def _finish(self, seqs: list[Sequence], logits: Any, cache: Any, mask: Any) -> Prefilled | None:
-        done = time.monotonic()
         for row, seq in enumerate(seqs):
             token, logprob = seq.sampler.choose(logits[row])
-            seq.accept(token, logprob, prefill_done_at=done)
+            seq.accept(token, logprob)
             if seq.finish is not None:
                 self.remember(seq, cache, mask[row], row)
         keep = [i for i, s in enumerate(seqs) if s.finish is None]

@@ -53,7 +53,6 @@ class PromptBuilder:
         size = getattr(image_processor, "size", None)
         self.default_min_pixels = int(getattr(size, "shortest_edge", None) or 3136)
         self.image_token_id = self._token_id("<|image_pad|>")
-        self.video_token_id = self._token_id("<|video_pad|>")
 
     @property
     def is_vlm(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ class Sequence:
     finish: FinishReason | None = None
     tokens: list[int] = field(default_factory=list)  # generated ids, in order
     cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache
+    prompt_keys: list[Hashable] | None = None  # content keys of the prompt, for the prefix cache
 
     @property
     def generated(self) -> int:
@@ -50,7 +52,7 @@ class Sequence:
             cached_tokens=self.cached_tokens,
         )
 
-    def accept(self, token: int, logprob: TokenLogprob | None, prefill_done_at: float | None = None) -> None:
+    def accept(self, token: int, logprob: TokenLogprob | None) -> None:
         """Take the sampled token: update text, stop/finish state, and push the chunk to the client."""
         self.tokens.append(token)
         self.sampler.observe(token)
@@ -78,7 +80,6 @@ class Sequence:
                 logprobs=(logprob,) if logprob is not None else (),
                 finish_reason=self.finish,
                 usage=self.usage() if self.finish is not None else None,
-                prefill_done_at=prefill_done_at,
             )
         )
 

@@ -122,5 +122,3 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: Exception | None = None
-    # Monotonic timestamps for metrics: when the prompt finished prefilling (first chunk only).
-    prefill_done_at: float | None = None

@@ -15,7 +15,7 @@ from vlmbridge.engine.types import (
     SamplingParams,
     TextPart,
 )
-from vlmbridge.errors import ImageInputError, InvalidRequestError
+from vlmbridge.errors import ImageInputError
 from vlmbridge.media.decode import DecodedImage
 from vlmbridge.server.schemas import ChatCompletionRequest
 from vlmbridge.settings import Settings
@@ -77,8 +77,6 @@ async def to_generation_request(
     max_tokens = req.requested_max_tokens
     seed = req.seed % (2**63) if req.seed is not None else None
     top_k = None if req.top_k is None else max(req.top_k, 0)
-    if req.top_logprobs and req.top_logprobs > 20:
-        raise InvalidRequestError("top_logprobs must be at most 20", param="top_logprobs")
     return GenerationRequest(
         messages=tuple(messages),
         sampling=SamplingParams(
