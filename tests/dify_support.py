@@ -261,11 +261,27 @@ class _Driver:
         from models.llm.llm import VlmbridgeLargeLanguageModel
 
         self.classes = {"plugin": VlmbridgeLargeLanguageModel, "stock": OAICompatLargeLanguageModel}
+        self.air_gap()
 
-    def instance(self, cls: str) -> Any:
+    @staticmethod
+    def air_gap() -> None:
+        """Refuse name lookups of anything but loopback, as in an air-gapped Dify deployment: tiktoken's download
+        of its GPT-2 encoding then fails at once, as it does there."""
+        import socket
+
+        real = socket.getaddrinfo
+
+        def loopback_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+            if host not in ("127.0.0.1", "localhost", "::1", b"127.0.0.1", b"localhost"):
+                raise socket.gaierror(socket.EAI_NONAME, f"air-gapped: no route to {host!r}")
+            return real(host, *args, **kwargs)
+
+        socket.getaddrinfo = loopback_only
+
+    def instance(self, cls: str, estimate_offline: bool = True) -> Any:
         # A fresh instance per call, as the daemon does: after an error the SDK's timing context poisons one.
         llm = self.classes[cls](model_schemas=[])
-        if cls == "stock":
+        if cls == "stock" and estimate_offline:
             llm.estimated = False
 
             def estimate(text: str) -> int:  # offline stand-in for tiktoken, flagged in the result
@@ -319,8 +335,11 @@ class _Driver:
         stream: bool = False,
         stop: list[str] | None = None,
         user: str | None = None,
+        estimate_offline: bool = True,
     ) -> dict[str, Any]:
-        llm = self.instance(cls)
+        # estimate_offline=False leaves the SDK's own GPT-2 counting in place: on this air-gapped driver it raises
+        # if the SDK ever needs it (a stream that ended without usage).
+        llm = self.instance(cls, estimate_offline)
         chunks = list(
             llm.invoke(model, credentials, self.messages(messages), dict(parameters or {}), None, stop, stream, user)
         )

@@ -42,7 +42,9 @@ class Server:
         return httpx.post(f"{self.v1}/chat/completions", json=body, timeout=timeout, **kwargs)
 
     def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.base_url}/metrics").text
+        keys = self.settings.api_keys  # /metrics needs the key when keys are set
+        headers = {"Authorization": f"Bearer {keys[0].get_secret_value()}"} if keys else {}
+        text = httpx.get(f"{self.base_url}/metrics", headers=headers).text
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and not line.startswith("#"):

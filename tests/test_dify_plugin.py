@@ -7,6 +7,7 @@ Every test that sends an image proves it reached the model: the server's image-t
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,40 @@ def test_text_blocking_and_streaming_agree(driver: DifyDriver, server: Server, c
     assert streamed["text"] == blocking["text"]  # temperature 0: the same tokens either way
     assert streamed["chunks"] >= 2 and streamed["finish_reason"] in ("stop", "length")
     assert blocking["usage"]["completion_tokens"] >= 1 and not blocking["estimated"]
-    if cls == "plugin":
-        assert streamed["usage"] == blocking["usage"]  # the plugin asks for usage in streams
-    else:
-        # The stock class never sends stream_options.include_usage, so vlmbridge sends no usage chunk and the SDK
-        # estimates; Dify's built-in provider sends it ("Include Usage in Stream", on by default).
-        assert streamed["estimated"]
+    # The plugin asks for usage in streams; the stock class never sends stream_options.include_usage, and gets it
+    # all the same on the finish chunk (--stream-usage always), so the SDK never falls back to counting GPT-2 tokens.
+    assert streamed["usage"] == blocking["usage"] and not streamed["estimated"]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_streaming_with_an_image_offline_logs_our_usage(driver: DifyDriver, server: Server, cls: str) -> None:
+    """Air-gapped Dify: the SDK's own counting (tiktoken, downloaded on first use) must never be needed, and the
+    prompt tokens it logs are ours, the picture's 80 tokens included."""
+    png = png_bytes(320, 240, seed=31)
+    messages = [user(image_b64(png), text("What is in the picture?"))]
+    before = image_tokens_seen(server)
+    streamed = invoke(driver, server, cls, messages, stream=True, estimate_offline=False)
+    assert image_tokens_seen(server) - before == IMAGE_TOKENS
+    same = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+        {"type": "text", "text": "What is in the picture?"},
+    ]}]  # fmt: skip
+    direct = server.post(
+        {"model": MODEL, "messages": same, "max_tokens": 8, "temperature": 0},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ).json()["usage"]
+    assert streamed["usage"]["prompt_tokens"] == direct["prompt_tokens"]
+    assert direct["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+    assert streamed["usage"]["completion_tokens"] == direct["completion_tokens"]
+
+
+def test_strict_stream_usage_leaves_the_sdk_to_count(tiny_model: TinyFactory, driver: DifyDriver) -> None:
+    """--stream-usage requested is OpenAI's behaviour: the stock class then has to count (and offline, cannot)."""
+    with running(tiny_model("qwen3_vl"), api_keys=[KEY], stream_usage="requested") as strict:
+        messages = [user(text("Say hello."))]
+        assert invoke(driver, strict, "stock", messages, stream=True)["estimated"]
+        with pytest.raises(DriverError):
+            invoke(driver, strict, "stock", messages, stream=True, estimate_offline=False)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["blocking", "stream"])

@@ -19,9 +19,11 @@ or status codes.
     ├── ModelNotFoundError      a request named a model this server does not serve
     ├── AuthenticationError     missing or wrong API key
     ├── PayloadTooLargeError    the request body is over the limit
-    ├── QueueFullError          the engine's waiting queue is full
+    ├── QueueFullError          the server is at capacity (queue full, too many pixels in flight); retry later
     ├── RequestTimeoutError     a request ran past its deadline
-    └── EngineNotReadyError     the engine is loading, failed to load or is shutting down
+    ├── EngineNotReadyError     the engine is loading, failed to load or is shutting down
+    │   └── ShuttingDownError   the server is draining before it stops
+    └── EngineFailedError       the engine failed while working on the request (not the caller's fault)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "AuthenticationError",
     "ContextLengthError",
     "DeviceError",
+    "EngineFailedError",
     "EngineNotReadyError",
     "ImageInputError",
     "InvalidRequestError",
@@ -42,6 +45,7 @@ __all__ = [
     "QueueFullError",
     "RemoteCodeRefusedError",
     "RequestTimeoutError",
+    "ShuttingDownError",
     "UnsafeWeightsError",
     "UnsupportedModelError",
     "VlmbridgeError",
@@ -131,7 +135,12 @@ class PayloadTooLargeError(VlmbridgeError):
 
 
 class QueueFullError(VlmbridgeError):
-    """Too many requests are waiting; the caller should retry later."""
+    """The server is at capacity; the caller should retry after `retry_after` seconds (the Retry-After header)."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.code = code
 
 
 class RequestTimeoutError(VlmbridgeError):
@@ -140,3 +149,21 @@ class RequestTimeoutError(VlmbridgeError):
 
 class EngineNotReadyError(VlmbridgeError):
     """The engine is not (or no longer) able to take requests."""
+
+    def __init__(self, message: str, *, fix: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, fix=fix)
+        self.code = code
+
+
+class ShuttingDownError(EngineNotReadyError):
+    """The server received SIGTERM/SIGINT and is draining: no new requests."""
+
+
+class EngineFailedError(VlmbridgeError):
+    """A step (prefill, decode, sampling) failed for this request; the engine goes on serving the others.
+
+    `code` classifies the failure (e.g. `sampling_failed`, `decode_failed`); the message is short and bounded."""
+
+    def __init__(self, message: str, *, code: str = "engine_error") -> None:
+        super().__init__(message)
+        self.code = code

@@ -160,6 +160,22 @@ class Settings(BaseSettings):
     keepalive_interval: float = Field(
         10.0, gt=0, le=300, description="Seconds between SSE keep-alive comments while a stream waits."
     )
+    stream_usage: Literal["always", "requested"] = Field(
+        "always",
+        description="always: a stream whose client did not ask for usage carries it on the chunk with "
+        "finish_reason (Dify's SDK reads it there instead of counting tokens itself); requested: only with "
+        "stream_options.include_usage, as OpenAI does.",
+    )
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Seconds in-flight requests may take to finish after SIGTERM/SIGINT; streams still running "
+        "then end with an error event. Give the container a longer stop grace.",
+    )
+    public_metrics: bool = Field(
+        False, description="Serve /metrics without the API key (for a scraper on a private network)."
+    )
 
     @field_validator("api_keys", "allow_image_hosts", "allow_local_dirs", mode="before")
     @classmethod

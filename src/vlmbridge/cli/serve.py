@@ -56,11 +56,9 @@ def preflight(settings: Settings, path: Path) -> None:
 
 
 def run_server(settings: Settings) -> None:
-    import uvicorn
-
     from vlmbridge.server import create_app
     from vlmbridge.server.factory import build_slot, served_name
-    from vlmbridge.server.runner import uvicorn_config
+    from vlmbridge.server.runner import DrainingServer, uvicorn_config
 
     if settings.model is None:
         raise ModelFolderError("no model folder given", fix="vlmbridge serve /path/to/model (or set VLMBRIDGE_MODEL)")
@@ -82,7 +80,8 @@ def run_server(settings: Settings) -> None:
         style="dim",
         markup=False,
     )
-    uvicorn.Server(uvicorn_config(app, settings.host, settings.port, log_level="info")).run()
+    config = uvicorn_config(app, settings.host, settings.port, log_level="info")
+    DrainingServer(config, app.state.lifecycle, settings.shutdown_grace).run()
 
 
 def serve(
@@ -118,6 +117,19 @@ def serve(
         int | None, typer.Option(help="MiB of vision-encoder outputs kept (0 = off). [default: 256]")
     ] = None,
     skip_doctor: Annotated[bool | None, typer.Option("--skip-doctor", help="Start despite doctor errors.")] = None,
+    stream_usage: Annotated[
+        str | None,
+        typer.Option(
+            help="always: streams carry usage on their finish chunk even when the client did not ask (Dify's SDK "
+            "needs it); requested: only with stream_options.include_usage. [default: always]"
+        ),
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None, typer.Option(help="Seconds in-flight requests get to finish after SIGTERM. [default: 30]")
+    ] = None,
+    public_metrics: Annotated[
+        bool | None, typer.Option("--public-metrics", help="Serve /metrics without the API key.")
+    ] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     allow_pickle_weights: AllowPickleOpt = None,
     quantization: QuantizationOpt = None,
@@ -131,7 +143,8 @@ def serve(
         max_queue=max_queue, request_timeout=request_timeout, skip_doctor=skip_doctor,
         prefix_cache_mb=prefix_cache_mb, encoder_cache_mb=encoder_cache_mb,
         trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights, quantization=quantization,
-        allow_dequantize=allow_dequantize,
+        allow_dequantize=allow_dequantize, stream_usage=stream_usage, shutdown_grace=shutdown_grace,
+        public_metrics=public_metrics,
     )  # fmt: skip
     run_server(settings)
 

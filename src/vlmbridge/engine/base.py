@@ -33,6 +33,11 @@ class EngineInfo:
     context_length: int
     dtype: str
     device: str
+    quantization: str = "none"
+    quantization_reason: str = ""
+    # Most characters one ordinary token can stand for: a prompt with more than context × this many characters
+    # cannot fit, so the front refuses it before tokenizing anything. 0 = unknown (no early check).
+    max_token_chars: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,24 +13,28 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from vlmbridge import __version__
+from vlmbridge.server.auth import AuthMiddleware
 from vlmbridge.server.convert import ImageLoader
 from vlmbridge.server.errors import install_error_handlers
-from vlmbridge.server.limits import BodySizeLimit
+from vlmbridge.server.limits import BodySizeLimit, DrainGate
 from vlmbridge.server.metrics import Metrics, MetricsMiddleware
 from vlmbridge.server.routes import chat, info, tokenize
-from vlmbridge.server.state import AppState, EngineSlot
+from vlmbridge.server.state import AppState, EngineSlot, Lifecycle
 from vlmbridge.settings import Settings
 
 __all__ = ["create_app"]
 
 
 def _cache_stats(engine: object) -> dict[str, object]:
-    return {name: getattr(getattr(engine, f"{name}_cache", None), "stats", None) for name in ("prefix", "encoder")}
+    caches = {name: getattr(getattr(engine, f"{name}_cache", None), "stats", None) for name in ("prefix", "encoder")}
+    caches["pixel"] = getattr(getattr(getattr(engine, "prompts", None), "pixel_cache", None), "stats", None)
+    return caches
 
 
 def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader | None = None) -> FastAPI:
     """An ASGI app serving `slot`'s model. The slot starts loading when the app starts (lifespan)."""
     metrics = Metrics()
+    lifecycle = Lifecycle()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,12 +44,13 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
 
             sources = ImageSources(policy_from_settings(settings))
         loader: ImageLoader = load_image or (lambda url, param: sources.load(url, param=param))  # type: ignore[union-attr]
-        app.state.vlm = AppState(settings=settings, slot=slot, metrics=metrics, load_image=loader)
+        app.state.vlm = AppState(settings=settings, slot=slot, metrics=metrics, load_image=loader, lifecycle=lifecycle)
         app.state.started_at = time.time()
         metrics.bind_engine(
             queue_depth=lambda: float(e.queue_depth()) if (e := slot.peek()) else 0.0,
             stats=lambda: getattr(slot.peek(), "stats", None),
             ready=lambda: 1.0 if slot.state == "ready" else 0.0,
+            in_flight=lambda: float(lifecycle.in_flight),
         )
         metrics.bind_caches(lambda: _cache_stats(slot.peek()))
         slot.start()
@@ -68,6 +73,11 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
     app.include_router(chat.router)
     app.include_router(info.router)
     app.include_router(tokenize.router)
+    # Outermost last: metrics see every answer; then the drain gate, auth and the body limit, all before a route
+    # reads a byte of the body.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, keys=settings.api_keys, public_metrics=settings.public_metrics)
+    app.add_middleware(DrainGate, lifecycle=lifecycle)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.lifecycle = lifecycle  # the runner's SIGTERM handler drains through it
     return app

@@ -1,4 +1,5 @@
-"""ASGI middleware that refuses request bodies over the limit before they are buffered."""
+"""ASGI middleware that refuses requests cheaply: bodies over the limit before they are buffered, and everything
+but /health and /metrics while the server drains."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vlmbridge.server.errors import envelope
+from vlmbridge.errors import ShuttingDownError
+from vlmbridge.server.errors import envelope, error_body
+from vlmbridge.server.state import Lifecycle
 
-__all__ = ["BodySizeLimit"]
+__all__ = ["BodySizeLimit", "DrainGate"]
 
 
 class BodySizeLimit:
@@ -44,3 +47,29 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class DrainGate:
+    """While draining, new requests get 503 `shutting_down` before their body is read (a load balancer retries
+    them elsewhere); /health says "draining" and /metrics still answers."""
+
+    _OPEN = frozenset({"/health", "/metrics"})
+
+    def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.lifecycle.draining or scope.get("path") in self._OPEN:
+            await self.app(scope, receive, send)
+            return
+        error = ShuttingDownError("the server is shutting down; retry on another replica", code="shutting_down")
+        body = json.dumps(error_body(error)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -47,15 +47,20 @@ class Metrics:
         self.model_ready = Gauge("vlmbridge_model_ready", "1 when the model is loaded and warmed up.", registry=r)
         self.cache = Gauge(
             "vlmbridge_cache",
-            "Prefix (KV) and vision-encoder cache counters: hits, misses, evictions, bytes, entries.",
+            "Prefix (KV), vision-encoder and processed-pixel cache counters: hits, misses, evictions, bytes, entries.",
             ["cache", "stat"],
             registry=r,
         )
 
     def bind_engine(
-        self, queue_depth: Callable[[], float], stats: Callable[[], object], ready: Callable[[], float]
+        self,
+        queue_depth: Callable[[], float],
+        stats: Callable[[], object],
+        ready: Callable[[], float],
+        in_flight: Callable[[], float],
     ) -> None:
         self.queue_depth.set_function(queue_depth)
+        self.in_flight.set_function(in_flight)
         self.model_ready.set_function(ready)
         self.decode_steps.set_function(lambda: float(getattr(stats(), "decode_steps", 0)))
         self.cancelled.set_function(lambda: float(getattr(stats(), "cancelled", 0)))
@@ -67,7 +72,7 @@ class Metrics:
         def reader(name: str, stat: str) -> Callable[[], float]:
             return lambda: float(getattr(caches().get(name), stat, 0))
 
-        for name in ("prefix", "encoder"):
+        for name in ("prefix", "encoder", "pixel"):
             for stat in ("hits", "misses", "evictions", "bytes", "entries"):
                 self.cache.labels(name, stat).set_function(reader(name, stat))
 
@@ -92,14 +97,24 @@ class MetricsMiddleware:
         endpoint = path if path in self._ENDPOINTS else "other"  # bounded label values
         started = time.monotonic()
         status = 500
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.metrics.requests.labels(endpoint, str(status)).inc()
+                self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
 
         async def observing_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.requests.labels(endpoint, str(status)).inc()
-                self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+                count()
             await send(message)
 
-        await self.app(scope, receive, observing_send)
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            count()  # a response cut short (a bug mid-stream, a dropped client) still counts, under its status

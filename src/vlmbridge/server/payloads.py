@@ -48,7 +48,8 @@ class Completion:
     model: str
     created: int
     want_logprobs: bool = False
-    include_usage: bool = False
+    include_usage: bool = False  # the client asked: OpenAI's separate final chunk with `choices: []`
+    usage_on_finish: bool = False  # it did not, but --stream-usage always: usage rides on the finish chunk
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
@@ -116,7 +117,12 @@ class Completion:
                 choice["logprobs"] = {"content": entries}
             events.append(sse(self._chunk([choice])))
         if chunk.finish_reason in ("stop", "length"):
-            events.append(sse(self._chunk([{"index": 0, "delta": {}, "finish_reason": chunk.finish_reason}])))
+            finish = self._chunk([{"index": 0, "delta": {}, "finish_reason": chunk.finish_reason}])
+            if self.usage_on_finish and not self.include_usage and chunk.usage is not None:
+                # Dify's SDK takes `usage` from any chunk; without it, it counts GPT-2 tokens (and downloads
+                # tiktoken's encoding, which fails offline). Clients reading choices[0] are not disturbed.
+                finish["usage"] = usage_dict(chunk.usage)
+            events.append(sse(finish))
             if self.include_usage and chunk.usage is not None:
                 final = self._chunk([])
                 final["usage"] = usage_dict(chunk.usage)

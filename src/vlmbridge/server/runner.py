@@ -1,14 +1,29 @@
-"""Running the app with uvicorn: in the foreground (`vlmbridge serve`) or in a thread (demo, tests, benchmarks)."""
+"""Running the app with uvicorn: in the foreground (`vlmbridge serve`) or in a thread (demo, tests, benchmarks).
+
+In the foreground, SIGTERM/SIGINT drain instead of stopping at once: /health turns 503 "draining", new requests
+get 503 `shutting_down`, requests in flight get `shutdown_grace` seconds to finish, and only then does uvicorn
+close its sockets. A second signal stops at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
-__all__ = ["ServerThread", "uvicorn_config"]
+from vlmbridge.server.state import Lifecycle
+
+__all__ = ["DrainingServer", "ServerThread", "uvicorn_config"]
+
+log = logging.getLogger(__name__)
+
+# After the drain, what uvicorn still waits for: responses that are writing their last bytes.
+_CLOSE_GRACE = 5
 
 
 def uvicorn_config(app: Any, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
@@ -18,9 +33,40 @@ def uvicorn_config(app: Any, host: str, port: int, log_level: str = "warning") -
         port=port,
         log_level=log_level,
         access_log=False,  # our metrics count requests; access logs would carry Dify's signed image URLs
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=_CLOSE_GRACE,
         lifespan="on",
     )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a drain of `grace` seconds between the first signal and closing the sockets."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, grace: float) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+        self._grace = grace
+        self._drain_requested = False
+        self._drain: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_requested:  # the second signal: stop now, as plain uvicorn does
+            self.force_exit = True
+            super().handle_exit(sig, frame)
+            return
+        self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
+        self._drain_requested = True  # a signal handler must not touch the loop; on_tick starts the drain
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain is None:
+            log.warning("draining: up to %.0fs for %d request(s) in flight", self._grace, self._lifecycle.in_flight)
+            self._drain = asyncio.create_task(self._run_drain())
+        return await super().on_tick(counter)
+
+    async def _run_drain(self) -> None:
+        try:
+            await self._lifecycle.drain(self._grace)
+        finally:
+            self.should_exit = True
 
 
 class ServerThread:

@@ -31,7 +31,7 @@ MAX_STOP_LEN = 512
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ImageURL(_Strict):
@@ -109,10 +109,11 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    # Sampling bounds (README "Sampling"): within them sampling cannot over- or underflow into an error.
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="below 1e-5 = greedy (as in vLLM)")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 = off")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 = off, else >= 1")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
@@ -139,6 +140,13 @@ class ChatCompletionRequest(_Strict):
             if present not in (None, [], {}, "none", "auto") or (name == "tool_choice" and present == "required"):
                 raise NotSupportedError(reason, param=name)
         return {k: v for k, v in value.items() if k not in IGNORED_FIELDS and k not in _NOT_YET}
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("top_k must be -1 (off) or at least 1")
+        return value
 
     @field_validator("stop")
     @classmethod

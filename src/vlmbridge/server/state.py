@@ -8,13 +8,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vlmbridge.engine.base import Engine
-from vlmbridge.errors import EngineNotReadyError, VlmbridgeError
+from vlmbridge.engine.base import Engine, RequestStream
+from vlmbridge.engine.types import GenerationChunk
+from vlmbridge.errors import EngineNotReadyError, QueueFullError, ShuttingDownError, VlmbridgeError
 from vlmbridge.server.convert import ImageLoader
 from vlmbridge.server.metrics import Metrics
 from vlmbridge.settings import Settings
 
-__all__ = ["AppState", "EngineSlot"]
+__all__ = ["AppState", "EngineSlot", "Lifecycle"]
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,51 @@ class EngineSlot:
             self._engine.shutdown()
 
 
+class Lifecycle:
+    """What the front knows about its own requests: how many are in flight, which streams are open, and whether
+    the server is draining (SIGTERM: finish what runs, refuse what comes). Lives on the event loop's thread."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self.waiting = 0  # admitted, not yet handed to the engine (decoding images, preparing the prompt)
+        self.streams: set[RequestStream] = set()
+
+    def admit(self, settings: Settings, engine_queue: int) -> None:
+        """Refuse a request before any expensive work when the server is draining or its queue is full."""
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; retry on another replica", code="shutting_down")
+        if self.waiting + engine_queue >= settings.max_queue:
+            raise QueueFullError(
+                f"{settings.max_queue} requests are already waiting; retry later", retry_after=1.0, code="queue_full"
+            )
+
+    async def drain(self, grace: float, slack: float = 5.0) -> None:
+        """Stop taking requests, let those in flight finish within `grace` seconds, then end the rest with a
+        shutting_down error (streams get it as their last SSE event) and give them `slack` seconds to say so."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.in_flight:
+            return
+        log.warning("drain: %d request(s) still running after %.0fs; ending them", self.in_flight, grace)
+        stopping = ShuttingDownError("the server is shutting down", code="shutting_down")
+        for stream in list(self.streams):
+            stream.push(GenerationChunk(finish_reason="error", error=stopping))
+            stream.cancel()
+        deadline = loop.time() + slack
+        while self.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+
 @dataclass
 class AppState:
     settings: Settings
     slot: EngineSlot
     metrics: Metrics
     load_image: ImageLoader
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
     # The processor's CPU work (templating, image resizing) runs in threads; bound it so it cannot starve decoding.
     prepare_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))

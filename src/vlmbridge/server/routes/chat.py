@@ -5,61 +5,128 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from vlmbridge.engine.base import RequestStream
+from vlmbridge.engine.base import EngineInfo, RequestStream
 from vlmbridge.engine.types import GenerationChunk
-from vlmbridge.errors import InvalidRequestError, ModelNotFoundError
-from vlmbridge.server.auth import require_api_key
+from vlmbridge.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RequestTimeoutError
 from vlmbridge.server.convert import to_generation_request
-from vlmbridge.server.errors import error_body
+from vlmbridge.server.errors import bounded_traceback, error_body
+from vlmbridge.server.jsonbody import StrictJSONRoute
 from vlmbridge.server.payloads import DONE, KEEPALIVE, Completion, sse
-from vlmbridge.server.schemas import ChatCompletionRequest
+from vlmbridge.server.schemas import ChatCompletionRequest, Message
 from vlmbridge.server.state import AppState
 
-__all__ = ["router"]
+__all__ = ["check_text_length", "router"]
 
 log = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 _DISCONNECT_POLL = 0.5
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
+@router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     vlm: AppState = request.app.state.vlm
     arrived = time.monotonic()
+    deadline = arrived + vlm.settings.request_timeout
     if body.model != vlm.slot.name:
         raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {vlm.slot.name!r}")
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options is only allowed with stream: true", param="stream_options")
     engine = vlm.slot.engine
-    gen_request = await to_generation_request(body, vlm.settings, vlm.load_image)
-    async with vlm.prepare_slots:
-        prepared = await asyncio.to_thread(engine.prepare, gen_request)
-    stream = engine.submit(prepared)
-    completion = Completion(
-        id=gen_request.request_id,
-        model=vlm.slot.name,
-        created=int(time.time()),
-        want_logprobs=body.logprobs,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-    )
-    vlm.metrics.in_flight.inc()
-    if body.stream:
-        return StreamingResponse(
-            _events(vlm, stream, completion, arrived),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+    life = vlm.lifecycle
+    # Cheap checks first: a refused request must cost about what a 404 costs, not an image decode.
+    life.admit(vlm.settings, engine.queue_depth())
+    check_text_length(body.messages, engine.info)
+    life.in_flight += 1
+    handed_over = False
     try:
-        await _collect(vlm, request, stream, completion, arrived)
+        life.waiting += 1
+        try:
+            gen_request = await to_generation_request(body, vlm.settings, vlm.load_image)
+            async with vlm.prepare_slots:
+                prepared = await asyncio.to_thread(engine.prepare, gen_request)
+            stream = engine.submit(prepared)
+        finally:
+            life.waiting -= 1
+        completion = Completion(
+            id=gen_request.request_id,
+            model=vlm.slot.name,
+            created=int(time.time()),
+            want_logprobs=body.logprobs,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            usage_on_finish=vlm.settings.stream_usage == "always",
+        )
+        life.streams.add(stream)
+
+        def done() -> None:
+            life.streams.discard(stream)
+            stream.cancel()  # no-op when finished; stops generation when the client went away
+            life.in_flight -= 1
+
+        if body.stream:
+            handed_over = True  # the response owns the request from here, and runs done() however it ends
+            return _EventStream(_events(vlm, stream, completion, arrived, deadline), done)
+        try:
+            await _collect(vlm, request, stream, completion, arrived, deadline)
+        finally:
+            handed_over = True
+            done()
+        return JSONResponse(completion.response())
     finally:
+        if not handed_over:
+            life.in_flight -= 1
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that runs `done` when it ends, even if the client left before the first event."""
+
+    def __init__(self, events: AsyncIterator[str], done: Callable[[], None]) -> None:
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self._done = done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._done()
+
+
+def check_text_length(messages: list[Message], info: EngineInfo) -> None:
+    """Refuse text that cannot fit the context whatever it tokenizes to, before tokenizing any of it."""
+    if not info.max_token_chars:
+        return
+    limit = info.context_length * info.max_token_chars
+    total = 0
+    for message in messages:
+        total += len(message.reasoning_content or "")
+        if isinstance(message.content, str):
+            total += len(message.content)
+        elif message.content is not None:
+            total += sum(len(part.text or "") for part in message.content)
+    if total > limit:
+        raise ContextLengthError(
+            f"the messages hold {total} characters of text; no tokenization of that fits the "
+            f"{info.context_length}-token context (at most {info.max_token_chars} characters per token)",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+
+async def _next(stream: RequestStream, wait: float, deadline: float) -> GenerationChunk | None:
+    """The next chunk within `wait` seconds (TimeoutError if none); the request's deadline is enforced here too,
+    so a request times out even if the engine that should have enforced it is stuck."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
         stream.cancel()
-        vlm.metrics.in_flight.dec()
-    return JSONResponse(completion.response())
+        raise RequestTimeoutError("the request ran past its timeout")
+    return await stream.next(timeout=min(wait, remaining))
 
 
 def _record(vlm: AppState, chunk: GenerationChunk, arrived: float, first: bool) -> None:
@@ -72,7 +139,7 @@ def _record(vlm: AppState, chunk: GenerationChunk, arrived: float, first: bool) 
 
 
 async def _collect(
-    vlm: AppState, request: Request, stream: RequestStream, completion: Completion, arrived: float
+    vlm: AppState, request: Request, stream: RequestStream, completion: Completion, arrived: float, deadline: float
 ) -> None:
     first = True
     next_check = time.monotonic() + _DISCONNECT_POLL
@@ -83,7 +150,7 @@ async def _collect(
                 log.info("%s: client went away; cancelling", completion.id)
                 return
         try:
-            chunk = await stream.next(timeout=_DISCONNECT_POLL)
+            chunk = await _next(stream, _DISCONNECT_POLL, deadline)
         except TimeoutError:
             continue
         if chunk is None:
@@ -95,14 +162,16 @@ async def _collect(
         completion.add(chunk)
 
 
-async def _events(vlm: AppState, stream: RequestStream, completion: Completion, arrived: float) -> AsyncIterator[str]:
+async def _events(
+    vlm: AppState, stream: RequestStream, completion: Completion, arrived: float, deadline: float
+) -> AsyncIterator[str]:
     keepalive = vlm.settings.keepalive_interval
     first = True
     try:
         yield completion.role_event()
         while True:
             try:
-                chunk = await stream.next(timeout=keepalive)
+                chunk = await _next(stream, keepalive, deadline)
             except TimeoutError:
                 yield KEEPALIVE  # a long prefill must not look like a dead connection (Dify times out at ~300 s)
                 continue
@@ -118,6 +187,12 @@ async def _events(vlm: AppState, stream: RequestStream, completion: Completion, 
             for event in completion.delta_events(chunk):
                 yield event
         yield DONE
+    except RequestTimeoutError as exc:
+        yield sse(error_body(exc))
+        yield DONE
+    except Exception as exc:  # a bug mid-stream: the client still gets the envelope, the log one bounded entry
+        log.error("%s: internal error mid-stream: %s", completion.id, bounded_traceback(exc))
+        yield sse(error_body(exc))
+        yield DONE
     finally:
         stream.cancel()  # no-op when finished; stops generation when the client disconnected
-        vlm.metrics.in_flight.dec()

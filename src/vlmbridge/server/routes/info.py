@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from vlmbridge.server.auth import require_api_key
+from vlmbridge.engine.base import EngineInfo
 from vlmbridge.server.errors import envelope
 from vlmbridge.server.metrics import CONTENT_TYPE_LATEST
 from vlmbridge.server.state import AppState
@@ -17,7 +17,17 @@ __all__ = ["router"]
 router = APIRouter()
 
 
-@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+def _loaded(info: EngineInfo) -> dict[str, object]:
+    """How the model was loaded — what a Dify admin checks when answers are slow or odd."""
+    return {
+        "dtype": info.dtype,
+        "quantization": info.quantization,
+        "quantization_reason": info.quantization_reason,
+        "device": info.device,
+    }
+
+
+@router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     vlm: AppState = request.app.state.vlm
     entry: dict[str, object] = {
@@ -35,8 +45,7 @@ async def list_models(request: Request) -> JSONResponse:
             "vision": info.kind == "vlm",
             "model_type": info.model_type,
             "model_class": info.model_class,
-            "dtype": info.dtype,
-            "device": info.device,
+            **_loaded(info),
             "max_images": vlm.settings.max_images,
             "max_pixels": vlm.settings.max_pixels,
             "state": vlm.slot.state,
@@ -47,15 +56,20 @@ async def list_models(request: Request) -> JSONResponse:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     vlm: AppState = request.app.state.vlm
+    engine = vlm.slot.peek()
+    loaded = _loaded(engine.info) if engine is not None else {}
+    if vlm.lifecycle.draining:
+        body = envelope("the server is shutting down", "service_unavailable", code="shutting_down")
+        body.update(status="draining", model=vlm.slot.name, in_flight=vlm.lifecycle.in_flight)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
     if vlm.slot.state == "ready":
-        return JSONResponse(
-            {"status": "ok", "model": vlm.slot.name, "uptime_s": round(time.time() - request.app.state.started_at, 1)}
-        )
+        uptime = round(time.time() - request.app.state.started_at, 1)
+        return JSONResponse({"status": "ok", "model": vlm.slot.name, "uptime_s": uptime, **loaded})
     body = envelope(
         f"model {vlm.slot.name!r} is not ready: {vlm.slot.reason}", "service_unavailable", code="model_not_ready"
     )
-    body["status"] = vlm.slot.state
-    return JSONResponse(body, status_code=503)
+    body.update(status=vlm.slot.state, **loaded)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
 
 @router.get("/metrics")

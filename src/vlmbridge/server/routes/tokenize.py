@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlmbridge.errors import ModelNotFoundError
-from vlmbridge.server.auth import require_api_key
 from vlmbridge.server.convert import to_generation_request
+from vlmbridge.server.jsonbody import StrictJSONRoute
+from vlmbridge.server.routes.chat import check_text_length
 from vlmbridge.server.schemas import ChatCompletionRequest, Message
 from vlmbridge.server.state import AppState
 
 __all__ = ["TokenizeRequest", "router"]
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 class TokenizeRequest(BaseModel):
@@ -32,22 +33,35 @@ class TokenizeRequest(BaseModel):
     max_pixels: int | None = Field(None, ge=1, description="extension: per-request pixel budget per image")
     min_pixels: int | None = Field(None, ge=1, description="extension: per-request minimum pixels per image")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> TokenizeRequest:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        return self
 
-@router.post("/v1/tokenize", dependencies=[Depends(require_api_key)])
-@router.post("/tokenize", dependencies=[Depends(require_api_key)], include_in_schema=False)
+
+@router.post("/v1/tokenize")
+@router.post("/tokenize", include_in_schema=False)
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     vlm: AppState = request.app.state.vlm
     name = vlm.slot.name
     if body.model is not None and body.model != name:
         raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {name!r}")
     engine = vlm.slot.engine
+    life = vlm.lifecycle
+    life.admit(vlm.settings, engine.queue_depth())  # counting decodes images and runs the processor: admit first
+    check_text_length(body.messages, engine.info)
     # The chat route's own conversion: the same image loading, limits and pixel budgets, so the count matches.
-    chat = ChatCompletionRequest(
+    chat = ChatCompletionRequest.model_construct(
         model=name, messages=body.messages, max_pixels=body.max_pixels, min_pixels=body.min_pixels
     )
-    gen_request = await to_generation_request(chat, vlm.settings, vlm.load_image)
-    async with vlm.prepare_slots:
-        stats = await asyncio.to_thread(engine.count_prompt, gen_request.messages)
+    life.waiting += 1
+    try:
+        gen_request = await to_generation_request(chat, vlm.settings, vlm.load_image)
+        async with vlm.prepare_slots:
+            stats = await asyncio.to_thread(engine.count_prompt, gen_request.messages)
+    finally:
+        life.waiting -= 1
     return JSONResponse(
         {
             "model": name,
