@@ -223,3 +223,40 @@ def test_unusable_config(tiny_copy: TinyFactory, content: bytes) -> None:
         import transformers
 
         explained_by(failure(lambda: transformers.AutoConfig.from_pretrained(folder)), "VB101")
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from vlmbridge.cli.app import main
+
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    return int(code or 0), capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["loop", "notes.txt"])
+def test_broken_unrelated_symlink_is_a_warning(
+    tiny_copy: TinyFactory, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    folder = tiny_copy("qwen3_vl")
+    link = folder / kind
+    if kind == "loop":
+        link.symlink_to(kind)  # points at itself: ELOOP
+    else:
+        link.symlink_to("../elsewhere/notes.txt")  # dangling
+    report = doctor(folder)
+    assert warns(report) == ["VB115"] and errors(report) == [] and report.exit_code == 0
+    [finding] = [f for f in report.findings if f.code == "VB115"]
+    assert str(link) in finding.message and finding.evidence is not None and finding.evidence.file == kind
+    code, out = _cli(["doctor", str(folder), "--device", "cpu", "--gpu-memory", "1TiB"], capsys)
+    assert code == 0 and "VB115" in out and "✓ loadable — 0 errors, 1 warning" in out
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "chat_template.json", "preprocessor_config.json"])
+def test_broken_symlink_to_a_file_the_loader_needs_is_an_error(tiny_copy: TinyFactory, name: str) -> None:
+    folder = tiny_copy("qwen3_vl")
+    (folder / name).unlink()
+    (folder / name).symlink_to(f"../../blobs/{name}")
+    report = doctor(folder)
+    assert "VB115" in errors(report) and report.exit_code == 1 and "VB900" not in report.codes()

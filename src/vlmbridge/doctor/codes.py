@@ -41,8 +41,11 @@ CODES: dict[str, CodeInfo] = {
     "VB112": CodeInfo(_F, _E, "only pickle (.bin) weights"),
     "VB113": CodeInfo(_F, _E, "pickle weights hold objects torch's weights_only loader refuses"),
     "VB114": CodeInfo(_F, _I, "both .bin and safetensors weights"),
-    "VB115": CodeInfo(_F, _E, "broken symlink or symlink loop"),
+    "VB115": CodeInfo(_F, _E, "broken symlink or symlink loop"),  # a warning for files the loader never opens
     "VB116": CodeInfo(_F, _W, "GGUF files (llama.cpp/Ollama format)"),
+    "VB117": CodeInfo(_F, _E, "tensors the architecture needs are in no shard"),
+    "VB118": CodeInfo(_F, _E, "tensors whose shape differs from what config.json implies"),
+    "VB119": CodeInfo(_F, _W, "tensors the architecture does not use"),
     # tokenizer & chat template
     "VB120": CodeInfo(_T, _E, "no tokenizer files"),
     "VB121": CodeInfo(_T, _E, "tokenizer or chat-template file unreadable"),

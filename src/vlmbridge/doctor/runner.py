@@ -17,6 +17,7 @@ from vlmbridge.doctor.checks.environment import check_environment, detect_contai
 from vlmbridge.doctor.checks.memory import check_memory
 from vlmbridge.doctor.checks.processing import check_chat_template, check_processors, check_tokenizer_files
 from vlmbridge.doctor.checks.remote import check_remote_code
+from vlmbridge.doctor.checks.tensors import check_tensors
 from vlmbridge.doctor.checks.weights import check_config, check_pickle, check_shards, check_weight_files
 from vlmbridge.doctor.context import Context, DoctorOptions
 from vlmbridge.doctor.findings import Evidence, Finding, Report, Severity
@@ -35,6 +36,7 @@ CHECKS: tuple[Check, ...] = (
     check_weight_files,
     check_shards,
     check_pickle,
+    check_tensors,
     check_tokenizer_files,
     check_chat_template,
     check_processors,

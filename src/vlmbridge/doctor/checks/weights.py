@@ -13,9 +13,17 @@ from vlmbridge.doctor.findings import Evidence, Finding, Severity
 from vlmbridge.folder import SafetensorsHeader
 from vlmbridge.memory import format_bytes
 
-__all__ = ["check_config", "check_pickle", "check_shards", "check_weight_files", "refused_globals"]
+__all__ = ["check_config", "check_pickle", "check_shards", "check_weight_files", "loader_opens", "refused_globals"]
 
 _MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# Small files transformers' from_pretrained (model, tokenizer, processor, generation config) or vlmbridge opens.
+_LOADED_FILES = frozenset({
+    "config.json", "generation_config.json", INDEX_FILE, "pytorch_model.bin.index.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt",
+    "spiece.model", "tokenizer.tiktoken", "special_tokens_map.json", "added_tokens.json",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+    "chat_template.json", "chat_template.jinja", "additional_chat_templates",
+})  # fmt: skip
 # What torch >= 2.6's weights_only unpickler accepts (torch/_weights_only_unpickler.py `_get_allowed_globals`).
 _SAFE_GLOBALS = {
     "collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.bytearray", "builtins.set",
@@ -60,14 +68,34 @@ def check_config(ctx: Context) -> Iterator[Finding]:
         )
 
 
+def loader_opens(ctx: Context, name: str) -> bool:
+    """True for the files loading the model reads (config, weights and index, tokenizer, processor and template
+    files, generation config, remote code); a broken link elsewhere in the folder cannot break the load."""
+    if name in _LOADED_FILES or name in set((ctx.weight_map or {}).values()):
+        return True
+    if name.endswith((".safetensors", ".bin")) and name.startswith(("model", "pytorch_model")):
+        return True
+    return name.endswith(".py") and bool(ctx.auto_map)  # remote code may import any module beside it
+
+
 def check_weight_files(ctx: Context) -> Iterator[Finding]:
     for name, entry in sorted(ctx.entries.items()):
-        if entry.kind == "broken-link":
+        if entry.kind != "broken-link":
+            continue
+        if loader_opens(ctx, name):
             yield Finding(
                 "VB115",
                 Severity.ERROR,
                 f"{name} is a broken symlink ({entry.error}); a copied Hugging Face cache without its blobs?",
                 fix="copy with links resolved (cp -rL SRC DST), or re-download with --local-dir",
+                evidence=Evidence(file=name, value=entry.error),
+            )
+        else:
+            yield Finding(
+                "VB115",
+                Severity.WARNING,
+                f"{ctx.path / name} is a broken symlink ({entry.error}); loading never opens it, so it does no harm",
+                fix=f"remove it (rm {ctx.path / name}) or point it at an existing file",
                 evidence=Evidence(file=name, value=entry.error),
             )
     safetensors = ctx.names(".safetensors")
