@@ -13,6 +13,7 @@ from typing import Any
 from vlmbridge.engine import kv
 from vlmbridge.engine.prompt import ModelInputs
 from vlmbridge.engine.sequence import Sequence
+from vlmbridge.errors import EngineFailedError
 
 __all__ = ["RunningBatch", "pack_prompts", "prefill_positions"]
 
@@ -81,7 +82,11 @@ class RunningBatch:
         return len(self.seqs)
 
     def join(self, seqs: list[Sequence], cache: Any, mask: Any) -> None:
-        """Add rows (their cache and mask already hold exactly these sequences, in order)."""
+        """Add rows (their cache and mask already hold exactly these sequences, in order).
+
+        Raises EngineFailedError before changing anything when the rows cannot join; any other exception may
+        leave the batch half-joined, and the caller must then give up the whole batch.
+        """
         import torch
 
         if not seqs:
@@ -90,7 +95,9 @@ class RunningBatch:
             self.seqs, self.cache, self.mask = list(seqs), cache, mask
             return
         if not kv.supports_batch_surgery(self.cache):
-            raise RuntimeError("this model's cache layout cannot be batched; use max_batch_size=1")
+            raise EngineFailedError(
+                "this model's cache layout cannot be batched; use max_batch_size=1", code="not_batchable"
+            )
         cur, new = int(self.mask.shape[1]), int(mask.shape[1])
         if new < cur:
             kv.left_pad_cache(cache, cur - new)

@@ -5,6 +5,11 @@ event loop free). Requests are prepared (chat template, image processing) on the
 The worker prefills waiting requests together (left-padded, images of any size), then decodes every running
 request in one batch; new requests join at step boundaries (continuous batching). Cancellation and deadlines
 are checked before every step, so a client that goes away costs at most the step already running.
+
+No request can stop the worker: a failure in a step (prefill, decode forward, sampling, detokenizing, caching)
+fails only the requests it concerns, with a classified `EngineFailedError`; an unexpected failure of the loop
+itself fails the requests in flight and the loop goes on. If the thread ends anyway, or one step runs past
+`EngineLimits.stall_after_s`, `state` says "failed" (so /health turns red) and waiting requests get a 503.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from typing import Any
 
 from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
 from vlmbridge.engine.batch import RunningBatch
-from vlmbridge.engine.caches import EncoderCache, PrefixCache
+from vlmbridge.engine.caches import EncoderCache, PrefixCache, PrefixHit
 from vlmbridge.engine.prefill import Prefilled, Prefiller
 from vlmbridge.engine.prompt import ModelInputs, PromptBuilder
 from vlmbridge.engine.sampling import Sampler, resolve_sampling
-from vlmbridge.engine.sequence import Sequence
+from vlmbridge.engine.sequence import FaultHook, Sequence, describe, public_error, step_error
 from vlmbridge.engine.textstream import IncrementalDecoder, ReasoningSplitter, StopMatcher, token_text_table
 from vlmbridge.engine.types import (
     ChatMessage,
@@ -38,10 +43,17 @@ from vlmbridge.engine.types import (
     TextPart,
 )
 from vlmbridge.engine.vision import VisionFeatures
-from vlmbridge.errors import ContextLengthError, EngineNotReadyError, QueueFullError, RequestTimeoutError
+from vlmbridge.errors import (
+    ContextLengthError,
+    EngineFailedError,
+    EngineNotReadyError,
+    QueueFullError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
 from vlmbridge.loader import LoadedModel
 
-__all__ = ["EngineLimits", "EngineStats", "PreparedRequest", "TransformersEngine"]
+__all__ = ["EngineLimits", "EngineStats", "FaultHook", "PreparedRequest", "TransformersEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,9 @@ class EngineLimits:
     # torch CPU threads for prefills and for decode steps; 0 leaves torch's setting alone.
     prefill_threads: int = 0
     decode_threads: int = 0
+    # The worker counts as stuck (state "failed") once one loop iteration runs longer than this; 0 = never.
+    # Generous on purpose: one long prefill on a CPU takes many seconds.
+    stall_after_s: float = 120.0
 
 
 @dataclass
@@ -93,7 +108,14 @@ class _Queued:
 class TransformersEngine:
     """An Engine backed by a LoadedModel. Construct, then `start()`; `shutdown()` to stop the worker."""
 
-    def __init__(self, loaded: LoadedModel, model_id: str, limits: EngineLimits | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        model_id: str,
+        limits: EngineLimits | None = None,
+        *,
+        fault_hook: FaultHook | None = None,
+    ) -> None:
         self.loaded = loaded
         self.limits = limits or EngineLimits()
         model = loaded.model
@@ -110,6 +132,9 @@ class TransformersEngine:
             context_length=self.context_length,
             dtype=str(loaded.dtype).removeprefix("torch."),
             device=str(loaded.device),
+            quantization=loaded.quantization,
+            quantization_reason=loaded.quantization_reason,
+            max_token_chars=_max_token_chars(loaded.tokenizer),
         )
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else []
@@ -138,8 +163,15 @@ class TransformersEngine:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._heartbeat = time.monotonic()
+        self._pending: list[Sequence] = []  # admitted and being prefilled, not yet in the batch
+        self._closed: EngineNotReadyError | None = None  # set once the worker takes no more requests
+        self._death: str | None = None  # why the worker thread ended, when it was not shut down
+        self._faults = 0  # loop iterations in a row that failed
+        self._last_fault = ""
         self._ids = itertools.count(1)
         self.stats = EngineStats()
+        self.fault_hook = fault_hook
 
     # --- Engine interface -------------------------------------------------------------------------------
     @property
@@ -148,11 +180,44 @@ class TransformersEngine:
 
     @property
     def state(self) -> EngineState:
-        return self._state
+        return "failed" if self._worker_problem() else self._state
 
     @property
     def state_reason(self) -> str:
-        return self._reason
+        return self._worker_problem() or self._reason
+
+    @property
+    def last_heartbeat(self) -> float:
+        """time.monotonic() when the worker last began a loop iteration (at least every ~0.5 s when idle)."""
+        return self._heartbeat
+
+    @property
+    def fault_hook(self) -> FaultHook | None:
+        """Test-only fault injection, off (None) by default: called as hook(stage, request_id) on the worker.
+
+        Whatever it raises is what that stage raised. Stages: "prefill" (before a prefill forward, once per
+        request in it), "decode" (before a decode forward, once per row: raising fails every row of that step,
+        as a failed forward does), "sample" and "accept" (one row's token choice and detokenizing: fails that
+        row only), "remember" (filing a finished request's KV: the request has already ended, nothing fails).
+        """
+        return self._fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook: FaultHook | None) -> None:
+        self._fault_hook = hook
+        self._prefiller.fault_hook = hook
+
+    def _worker_problem(self) -> str | None:
+        """Why a ready engine's worker cannot serve (it ended, or is stuck in one step); None when it can."""
+        if self._state != "ready" or self._thread is None or self._stop.is_set():
+            return None
+        if self._death is not None or not self._thread.is_alive():
+            return f"the engine worker stopped ({self._death or 'unknown cause'}); restart the server"
+        stalled = time.monotonic() - self._heartbeat
+        bound = self.limits.stall_after_s
+        if bound and stalled > bound:
+            return f"engine worker stuck for {stalled:.0f} s (one step over the {bound:g} s bound)"
+        return None
 
     def queue_depth(self) -> int:
         return self._queue.qsize() + len(self._held)
@@ -163,7 +228,8 @@ class TransformersEngine:
     def start(self, *, warm_up: bool = True) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._worker, name="vlmbridge-engine", daemon=True)
+        self._heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="vlmbridge-engine", daemon=True)
         self._thread.start()
         if not warm_up:
             self._state, self._reason = "ready", "ready (no warm-up)"
@@ -196,7 +262,7 @@ class TransformersEngine:
         for chunk in self.submit(self.prepare(req), warm_up=True):
             if chunk.error is not None:
                 raise chunk.error
-        while self.active_count():  # the worker files the warm-up's KV right after its last chunk
+        while self.active_count() and self._closed is None:  # the worker files the KV right after the last chunk
             time.sleep(0.001)
         for cache in (self.prefix_cache, self.encoder_cache):
             if cache is not None:
@@ -221,14 +287,18 @@ class TransformersEngine:
         return PreparedRequest(request=request, inputs=inputs, max_new_tokens=wanted)
 
     def submit(self, prepared: PreparedRequest, *, warm_up: bool = False) -> RequestStream:
-        if not warm_up and self._state != "ready":
-            raise EngineNotReadyError(f"model is not ready: {self._reason}")
+        if not warm_up and self.state != "ready":
+            raise EngineNotReadyError(f"model is not ready: {self.state_reason}")
+        if self._closed is not None:
+            raise self._closed
         stream = RequestStream(prepared.request.request_id)
         try:
             self._queue.put_nowait(_Queued(prepared, stream))
         except queue.Full:
             raise QueueFullError(f"{self._queue.maxsize} requests are already waiting; retry later") from None
         self._wake.set()
+        if self._closed is not None:  # the worker closed after the check above: nobody else will answer it
+            self._drain_queue(self._closed)
         return stream
 
     def generate(self, request: GenerationRequest) -> RequestStream:
@@ -246,35 +316,85 @@ class TransformersEngine:
         self._state, self._reason = "stopped", "shut down"
 
     # --- worker -----------------------------------------------------------------------------------------
-    def _worker(self) -> None:
+    def _run(self) -> None:
+        """The worker thread: serve until shut down; if anything else ends it, say why and answer everyone."""
+        try:
+            self._serve()
+        except BaseException as exc:  # the thread ends here either way; it must not end unexplained
+            self._death = f"{type(exc).__name__}; see the server log"
+            log.critical("the engine worker stopped: %s", describe(exc))
+            log.debug("traceback of the failure above", exc_info=exc)
+        finally:
+            self._close()
+
+    def _serve(self) -> None:
         import torch
 
         with torch.inference_mode():
             while not self._stop.is_set():
-                if not self._batch and not self._held and self._queue.empty():
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    if self.limits.batch_wait_s and not self._stop.is_set():
-                        time.sleep(self.limits.batch_wait_s)  # let a burst arrive and be prefilled together
+                self._heartbeat = time.monotonic()
+                try:
+                    self._iterate()
+                except Exception as exc:
+                    self._recover(exc)
                     continue
-                admitted = self._admit()
-                if admitted:
-                    self._threads(self.limits.prefill_threads)
-                    self._prefill(admitted)
-                if self._batch:
-                    self._threads(self.limits.decode_threads)
-                    self._decode_step()
-        stopping = EngineNotReadyError("server is shutting down")
-        for seq in self._batch.seqs:
-            seq.fail(stopping)
-        for q in self._held:
-            q.stream.push(GenerationChunk(finish_reason="error", error=stopping))
+                if self._faults:
+                    self._faults, self._last_fault = 0, ""
+
+    def _iterate(self) -> None:
+        if not self._batch and not self._held and self._queue.empty():
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            if self.limits.batch_wait_s and not self._stop.is_set():
+                time.sleep(self.limits.batch_wait_s)  # let a burst arrive and be prefilled together
+            return
+        admitted = self._admit()
+        if admitted:
+            self._threads(self.limits.prefill_threads)
+            self._prefill(admitted)
+        if self._batch:
+            self._threads(self.limits.decode_threads)
+            self._decode_step()
+
+    def _recover(self, exc: Exception) -> None:
+        """A failure outside any one request's step: fail what is in flight and go on with an empty batch."""
+        in_flight = [s for s in (*self._batch.seqs, *self._pending) if not s.ended]
+        text = describe(exc)
+        if text != self._last_fault:  # the same fault again and again is logged once
+            log.error("engine step failed; failing %d request(s) in flight: %s", len(in_flight), text)
+            log.debug("traceback of the failure above", exc_info=exc)
+        self._last_fault = text
+        error = public_error(exc, "engine_error", "an engine step")
+        for seq in in_flight:
+            seq.fail(error)
+        self._batch, self._pending = RunningBatch(), []  # the cache may be half-changed: keep nothing of it
+        self._faults += 1
+        self._stop.wait(min(0.01 * 2**self._faults, 1.0))  # a fault that repeats must not spin a core
+
+    def _close(self) -> None:
+        """The worker takes no more requests: answer the running ones and everyone still waiting."""
+        if self._death is None:
+            waiting: EngineNotReadyError = ShuttingDownError("the server is shutting down", code="shutting_down")
+            running: Exception = waiting
+        else:
+            waiting = EngineNotReadyError(f"the engine worker stopped ({self._death})", code="engine_stopped")
+            running = EngineFailedError("the engine worker stopped while working on this request", code="engine_died")
+        self._closed = waiting
+        for seq in (*self._batch.seqs, *self._pending):
+            seq.fail(running)
+        self._batch, self._pending = RunningBatch(), []
+        held, self._held = self._held, []
+        for q in held:
+            q.stream.push(GenerationChunk(finish_reason="error", error=waiting))
+        self._drain_queue(waiting)
+
+    def _drain_queue(self, error: Exception) -> None:
         while True:
             try:
                 q = self._queue.get_nowait()
             except queue.Empty:
                 return
-            q.stream.push(GenerationChunk(finish_reason="error", error=stopping))
+            q.stream.push(GenerationChunk(finish_reason="error", error=error))
 
     @staticmethod
     def _threads(count: int) -> None:
@@ -296,7 +416,8 @@ class TransformersEngine:
                     q = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if q.stream.cancelled:
+            if q.stream.cancelled:  # its client left while it waited: counted like a cancel mid-decode
+                self.stats.cancelled += 1
                 q.stream.push(GenerationChunk(finish_reason="cancelled"))
                 continue
             size = q.prepared.inputs.prompt_tokens
@@ -322,10 +443,10 @@ class TransformersEngine:
         )
 
     def _prefill(self, admitted: list[_Queued]) -> None:
-        seqs = [self._sequence(q) for q in admitted]
+        self._pending = self._start(admitted)
         fresh: list[Sequence] = []
-        for seq in seqs:  # a cached prefix means a short tail of its own; the rest prefill together
-            hit = self._prefiller.find_prefix(seq)
+        for seq in self._pending:  # a cached prefix means a short tail of its own; the rest prefill together
+            hit = self._find_prefix(seq)
             if hit is None:
                 fresh.append(seq)
             else:
@@ -335,24 +456,57 @@ class TransformersEngine:
         elif fresh and not self._run_prefill(partial(self._prefiller.together, fresh), fresh, quiet=True):
             for seq in fresh:  # one bad prompt must not fail its neighbours: retry them one by one
                 self._run_prefill(partial(self._prefiller.together, [seq]), [seq])
+        self._pending = []
+
+    def _start(self, admitted: list[_Queued]) -> list[Sequence]:
+        """A Sequence per admitted request; one that cannot even be set up fails alone."""
+        seqs: list[Sequence] = []
+        for q in admitted:
+            try:
+                seqs.append(self._sequence(q))
+            except Exception as exc:
+                error = step_error(exc, "prefill_failed", "setting up the request", [q.stream.request_id])
+                q.stream.push(GenerationChunk(finish_reason="error", error=error))
+        return seqs
+
+    def _find_prefix(self, seq: Sequence) -> PrefixHit | None:
+        try:
+            return self._prefiller.find_prefix(seq)
+        except Exception as exc:  # the cache is an optimisation: without it the request simply prefills in full
+            log.warning("prefix cache lookup failed for %s: %s", seq.request_id, describe(exc))
+            return None
 
     def _run_prefill(self, run: Callable[[], Prefilled | None], seqs: list[Sequence], quiet: bool = False) -> bool:
         """Run one prefill and join its survivors to the batch. False if it raised (and `quiet` kept them alive)."""
         try:
+            self._probe("prefill", seqs)
             done = run()
         except Exception as exc:
-            if quiet:
-                log.warning("batched prefill of %d requests failed (%s); retrying one by one", len(seqs), exc)
+            # A retry must not repeat a first token that already went out; then the prefill fails for good.
+            if quiet and not any(s.generated or s.ended for s in seqs):
+                log.warning("batched prefill of %d requests failed (%s); retrying one by one", len(seqs), describe(exc))
                 return False
-            log.exception("prefill failed for %s", ", ".join(s.request_id for s in seqs))
+            error = step_error(exc, "prefill_failed", "prefill", [s.request_id for s in seqs])
             for seq in seqs:
-                seq.fail(exc)
+                seq.fail(error)
             return True
         self.stats.prefill_batches += 1
         if done is not None:
-            self._batch.join(done.seqs, done.cache, done.mask)
+            try:
+                self._batch.join(done.seqs, done.cache, done.mask)
+            except EngineFailedError as exc:  # refused before anything changed: the running batch is intact
+                error = step_error(exc, exc.code, "joining the batch", [s.request_id for s in done.seqs])
+                for seq in done.seqs:
+                    seq.fail(error)
+                return True
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._batch))
         return True
+
+    def _probe(self, stage: str, seqs: list[Sequence]) -> None:
+        hook = self._fault_hook
+        if hook is not None:
+            for seq in seqs:
+                hook(stage, seq.request_id)
 
     def _new_cache(self, layers: list[tuple[Any, Any]] | None = None) -> Any:
         from transformers import DynamicCache
@@ -362,7 +516,8 @@ class TransformersEngine:
         except (AttributeError, TypeError, ValueError):  # remote-code configs may lack the layer fields
             return DynamicCache(ddp_cache_data=layers)
 
-    def _decode_step(self) -> None:
+    def _expire(self) -> None:
+        """Cancelled and timed-out requests leave before the next step."""
         now = time.monotonic()
         for seq in self._batch.seqs:
             deadline = seq.prepared.request.deadline
@@ -372,29 +527,40 @@ class TransformersEngine:
             elif deadline is not None and now > deadline:
                 seq.fail(RequestTimeoutError("the request ran past its timeout"))
         self._batch.drop_finished()
+
+    def _decode_step(self) -> None:
+        self._expire()
         if not self._batch:
             return
-        ids, mask, position_ids = self._batch.step_inputs(self.loaded.device, self._rope_index is not None)
         try:
+            self._probe("decode", self._batch.seqs)
+            ids, mask, position_ids = self._batch.step_inputs(self.loaded.device, self._rope_index is not None)
             out = self.loaded.model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                 **{self._cache_kw: self._batch.cache},
             )  # fmt: skip
         except Exception as exc:
-            log.exception("decode step failed; failing %d request(s)", len(self._batch))
+            error = step_error(exc, "decode_failed", "decode step", [s.request_id for s in self._batch.seqs])
             for seq in self._batch.seqs:
-                seq.fail(exc)
-            self._batch.drop_finished()
+                seq.fail(error)
+            self._batch = RunningBatch()  # the cache and mask may hold half a step: keep nothing of them
             return
         self.stats.decode_steps += 1
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._batch))
         self._batch.advance()
         logits = out.logits[:, -1, :]
+        hook = self._fault_hook
         for row, seq in enumerate(self._batch.seqs):
             if seq.stream.cancelled:
                 self.stats.steps_after_cancel += 1
-            token, logprob = seq.sampler.choose(logits[row])
-            seq.accept(token, logprob)
+            seq.step(logits[row], hook)  # a failure ends this row only
             if seq.finish is not None:
                 self._prefiller.remember(seq, self._batch.cache, self._batch.mask[row], row)
         self._batch.drop_finished()
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """The longest vocabulary entry, in characters: no token stands for more characters of text than that
+    (a byte-level piece has one character per byte, and a character of text takes at least one byte)."""
+    vocab = tokenizer.get_vocab()
+    return max((len(piece) for piece in vocab), default=0)

@@ -7,16 +7,19 @@ outputs, computed once per image content and pixel budget.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from vlmbridge.engine.batch import pack_prompts, prefill_positions
 from vlmbridge.engine.caches import PrefixCache, PrefixHit, prompt_keys
-from vlmbridge.engine.sequence import Sequence
+from vlmbridge.engine.sequence import FaultHook, Sequence, describe
 from vlmbridge.engine.vision import VisionFeatures, image_slices
 
 __all__ = ["Prefilled", "Prefiller"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Prefiller:
         self.new_cache = new_cache
         self.prefix_cache = prefix_cache
         self.vision = vision
+        self.fault_hook: FaultHook | None = None  # test-only, see TransformersEngine.fault_hook
 
     # --- prefix reuse -------------------------------------------------------------------------------------
     def find_prefix(self, seq: Sequence) -> PrefixHit | None:
@@ -78,9 +82,21 @@ class Prefiller:
         return seq.prompt_keys
 
     def remember(self, seq: Sequence, cache: Any, mask_row: Any, row: int) -> None:
-        """Keep a finished sequence's KV (prompt + all generated tokens but the last, which was never fed)."""
+        """Keep a finished sequence's KV (prompt + all generated tokens but the last, which was never fed).
+
+        The request has already got its last chunk: a failure here only means this turn is not cached.
+        """
         if self.prefix_cache is None or seq.finish not in ("stop", "length"):
             return
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("remember", seq.request_id)
+            self._store(seq, cache, mask_row, row)
+        except Exception as exc:
+            log.warning("could not keep the KV of %s for reuse: %s", seq.request_id, describe(exc))
+
+    def _store(self, seq: Sequence, cache: Any, mask_row: Any, row: int) -> None:
+        assert self.prefix_cache is not None
         keys = self._keys(seq) + seq.tokens[:-1]
         n = int(mask_row.sum())
         if n != len(keys):  # the cache row does not hold what we think: do not risk serving it
@@ -100,8 +116,7 @@ class Prefiller:
 
     def _finish(self, seqs: list[Sequence], logits: Any, cache: Any, mask: Any) -> Prefilled | None:
         for row, seq in enumerate(seqs):
-            token, logprob = seq.sampler.choose(logits[row])
-            seq.accept(token, logprob)
+            seq.step(logits[row], self.fault_hook)  # a failure ends this row only
             if seq.finish is not None:
                 self.remember(seq, cache, mask[row], row)
         keep = [i for i, s in enumerate(seqs) if s.finish is None]

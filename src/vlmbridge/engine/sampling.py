@@ -3,17 +3,27 @@
 Each request owns its sampler (and its own torch.Generator), so batching requests together never changes what
 any one of them samples. Penalties follow OpenAI's definitions (presence/frequency over the completion so far)
 and transformers' repetition_penalty (over prompt and completion), which generation_config.json may set.
+
+Scores are computed in float32 and kept in a range softmax and multinomial accept: NaN becomes -inf, +inf the
+largest finite float. If nothing finite is left (extreme penalties), the model's own best token is taken.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from vlmbridge.engine.types import SamplingParams, TokenLogprob
+from vlmbridge.errors import EngineFailedError
 
-__all__ = ["ResolvedSampling", "Sampler", "resolve_sampling"]
+__all__ = ["LOGPROB_FLOOR", "MIN_TEMPERATURE", "ResolvedSampling", "Sampler", "resolve_sampling"]
+
+# Below this temperature sampling is greedy (vLLM's threshold too): dividing by less only overflows.
+MIN_TEMPERATURE = 1e-5
+# The lowest logprob reported: JSON cannot carry -inf or NaN, and OpenAI (and vLLM) report -9999.0 instead.
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,8 @@ def resolve_sampling(params: SamplingParams, generation_config: Any) -> Resolved
         return fallback if value is None else value
 
     temperature = params.temperature if params.temperature is not None else float(default("temperature", 1.0))
-    do_sample = bool(default("do_sample", False)) if params.temperature is None else temperature > 0
+    # An explicit temperature decides alone (OpenAI semantics); otherwise generation_config's do_sample does.
+    do_sample = params.temperature is not None or bool(default("do_sample", False))
     top_p = params.top_p if params.top_p is not None else float(default("top_p", 1.0))
     top_k = params.top_k if params.top_k is not None else int(default("top_k", 0) or 0)
     rep = (
@@ -47,10 +58,10 @@ def resolve_sampling(params: SamplingParams, generation_config: Any) -> Resolved
         else float(default("repetition_penalty", 1.0))
     )
     return ResolvedSampling(
-        greedy=not do_sample or temperature <= 0,
-        temperature=max(temperature, 1e-5),
+        greedy=not do_sample or not temperature >= MIN_TEMPERATURE,  # `not >=` also makes NaN greedy
+        temperature=max(temperature, MIN_TEMPERATURE),
         top_p=top_p,
-        top_k=max(top_k, 0),
+        top_k=max(top_k, 0),  # -1 and 0 both mean off
         repetition_penalty=rep,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
@@ -85,32 +96,49 @@ class Sampler:
         import torch
 
         cfg = self.cfg
-        raw = logits.float()
+        raw = _bounded(logits.float())
+        scores = self._penalized(raw)
+        if not cfg.greedy:
+            scores = self._filtered(_bounded(scores / cfg.temperature))
+        if not bool(torch.isfinite(scores).any()):
+            token = _fallback(raw)  # penalties pushed every score to -inf: take the model's own best
+        elif cfg.greedy:
+            token = int(torch.argmax(scores))
+        else:
+            probs = torch.softmax(scores, dim=-1)  # at least one finite score: a valid distribution
+            token = int(torch.multinomial(probs, 1, generator=self._generator))
+        return token, (self._logprob(raw, token) if cfg.logprobs else None)
+
+    def _penalized(self, raw: Any) -> Any:
+        cfg = self.cfg
         scores = raw.clone()
         if cfg.repetition_penalty != 1.0:
+            import torch
+
             picked = scores[self._seen]
             scores[self._seen] = torch.where(
                 picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty
             )
         if cfg.frequency_penalty or cfg.presence_penalty:
             scores -= cfg.frequency_penalty * self._counts + cfg.presence_penalty * (self._counts > 0).float()
-        if cfg.greedy:
-            token = int(torch.argmax(scores))
-        else:
-            scores = scores / cfg.temperature
-            if cfg.top_k and cfg.top_k < scores.numel():
-                kth = torch.topk(scores, cfg.top_k).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            if cfg.top_p < 1.0:
-                sorted_scores, order = torch.sort(scores, descending=True)
-                cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-                # Drop tokens once the mass before them already reaches top_p; always keep the best one.
-                drop = (cum - torch.softmax(sorted_scores, dim=-1)) >= cfg.top_p
-                drop[0] = False
-                scores = scores.scatter(0, order[drop], float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self._generator))
-        return token, (self._logprob(raw, token) if cfg.logprobs else None)
+        return scores
+
+    def _filtered(self, scores: Any) -> Any:
+        """top-k, then top-p: what falls out becomes -inf (the best token always stays)."""
+        import torch
+
+        cfg = self.cfg
+        if cfg.top_k and cfg.top_k < scores.numel():
+            kth = torch.topk(scores, cfg.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if cfg.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            probs = torch.softmax(sorted_scores, dim=-1)
+            # Drop tokens once the mass before them already reaches top_p; always keep the best one.
+            drop = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
+            drop[0] = False
+            scores = scores.scatter(0, order[drop], float("-inf"))
+        return scores
 
     def _logprob(self, raw: Any, token: int) -> TokenLogprob:
         import torch
@@ -122,5 +150,28 @@ class Sampler:
             values, ids = torch.topk(logp, self.cfg.top_logprobs)
             for value, tid in zip(values.tolist(), ids.tolist(), strict=True):
                 t, b = self._token_text(tid)
-                top.append((t, value, b))
-        return TokenLogprob(token=text, logprob=float(logp[token]), token_bytes=data, top=tuple(top))
+                top.append((t, _reportable(value), b))
+        return TokenLogprob(token=text, logprob=_reportable(float(logp[token])), token_bytes=data, top=tuple(top))
+
+
+def _bounded(scores: Any) -> Any:
+    """NaN -> -inf (never chosen), +inf -> the largest float32 (still the clear favourite; softmax subtracts it)."""
+    import torch
+
+    # neginf must be given: nan_to_num's default turns -inf (a banned token) into the lowest finite float.
+    return torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
+
+
+def _fallback(raw: Any) -> int:
+    import torch
+
+    if not bool(torch.isfinite(raw).any()):
+        raise EngineFailedError(
+            "the model produced no usable logits for this request (all NaN or -inf)", code="sampling_failed"
+        )
+    return int(torch.argmax(raw))
+
+
+def _reportable(logprob: float) -> float:
+    # isfinite also catches NaN, which no JSON encoder accepts (nor -inf).
+    return logprob if math.isfinite(logprob) and logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
