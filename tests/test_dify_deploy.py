@@ -187,3 +187,15 @@ def test_entrypoint_stops_when_the_doctor_finds_errors(tmp_path: Path) -> None:
 def test_entrypoint_runs_other_commands_as_given() -> None:
     result = run_entrypoint("vlmbridge", "dify", "template", "list", env=entrypoint_env())
     assert result.returncode == 0 and "product-tagging" in result.stdout
+
+
+@pytest.mark.parametrize("compose", ["docker-compose.yml", "dify.compose.yml"])
+def test_the_container_stop_grace_outlasts_the_drain(compose: str) -> None:
+    from vlmbridge.settings import Settings
+
+    service = yaml.safe_load((REPO / "deploy" / compose).read_text())["services"]["vlmbridge"]
+    grace = service["stop_grace_period"]
+    assert (
+        grace.endswith("s") and float(grace[:-1]) > Settings().shutdown_grace + 5
+    )  # Docker's default 10 s would cut it
+    assert "STOPSIGNAL SIGTERM" in dockerfile()

@@ -44,6 +44,7 @@ def build_slot(settings: Settings, path: Path) -> EngineSlot:
             encoder_cache_bytes=settings.encoder_cache_mb << 20,
             prefill_threads=prefill_threads,
             decode_threads=decode_threads,
+            stall_after_s=settings.engine_stall_timeout,
         )
         return TransformersEngine(loaded, served_name(settings, path), limits)
 

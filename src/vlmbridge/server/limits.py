@@ -3,6 +3,7 @@ but /health and /metrics while the server drains."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.exceptions import HTTPException
@@ -10,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlmbridge.errors import ShuttingDownError
 from vlmbridge.server.errors import envelope, error_body
+from vlmbridge.server.memory import LARGE_REQUEST_BYTES, release_memory
 from vlmbridge.server.state import Lifecycle
 
 __all__ = ["BodySizeLimit", "DrainGate"]
@@ -46,7 +48,14 @@ class BodySizeLimit:
                     raise HTTPException(status_code=413, detail=self._message())
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def releasing_send(message: Message) -> None:
+            # After a large body, give its memory back before the last byte goes out, so that a client that sees
+            # the answer also sees the memory returned.
+            if seen >= LARGE_REQUEST_BYTES and message["type"] == "http.response.body" and not message.get("more_body"):
+                await asyncio.to_thread(release_memory)
+            await send(message)
+
+        await self.app(scope, counting_receive, releasing_send)
 
 
 class DrainGate:
