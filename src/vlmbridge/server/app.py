@@ -18,6 +18,7 @@ from vlmbridge.server.convert import ImageLoader
 from vlmbridge.server.errors import install_error_handlers
 from vlmbridge.server.limits import BodySizeLimit, DrainGate
 from vlmbridge.server.metrics import Metrics, MetricsMiddleware
+from vlmbridge.server.openapi import install_openapi
 from vlmbridge.server.routes import chat, info, tokenize
 from vlmbridge.server.state import AppState, EngineSlot, Lifecycle
 from vlmbridge.settings import Settings
@@ -70,6 +71,7 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
         openapi_url="/openapi.json",
     )
     install_error_handlers(app)
+    install_openapi(app, settings)  # /openapi.json: the statuses, error envelope and event stream really sent
     app.include_router(chat.router)
     app.include_router(info.router)
     app.include_router(tokenize.router)

@@ -191,7 +191,9 @@ def install_error_handlers(app: FastAPI) -> None:
         text = {404: "no such endpoint", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code)
         err_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-        return _response(exc.status_code, envelope(text, err_type, code=code or str(exc.status_code)))
+        response = _response(exc.status_code, envelope(text, err_type, code=code or str(exc.status_code)))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     app.add_exception_handler(VlmbridgeError, typed)
     app.add_exception_handler(RequestValidationError, validation)

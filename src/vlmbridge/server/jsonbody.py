@@ -25,7 +25,10 @@ def _refuse_constant(name: str) -> Any:
 
 def parse_json(data: bytes | str) -> Any:
     """json.loads without NaN/Infinity and with nesting at most MAX_JSON_DEPTH (raises json.JSONDecodeError)."""
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        raise json.JSONDecodeError("the body is not UTF-8", "", 0) from None
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
