@@ -18,8 +18,8 @@ from vlmbridge.errors import ModelFolderError, QuantizationError
 from vlmbridge.folder import read_safetensors_header
 from vlmbridge.loader import LoadOptions, load_model
 from vlmbridge.memory import DeviceBudget
-from vlmbridge.quantization import detect
-from vlmbridge.quantize import quantize_checkpoint
+from vlmbridge.quant.convert import quantize_checkpoint
+from vlmbridge.quant.formats import detect
 from vlmbridge.settings import Settings
 from vlmbridge.tiny.prequantized import build_prequantized
 
@@ -186,7 +186,7 @@ def test_bnb_on_cuda(tiny_model: TinyFactory, tmp_path: Path, method: str) -> No
 
 @pytest.mark.gpu
 def test_fp8_on_cuda_runs_in_fp8_or_refuses(tiny_model: TinyFactory, tmp_path: Path) -> None:
-    from vlmbridge.quantization import installed
+    from vlmbridge.quant.formats import installed
 
     fp8 = build_prequantized(tiny_model("qwen3_vl"), tmp_path / "fp8", "fp8")
     if torch.cuda.get_device_capability() >= (8, 9) and not installed("kernels"):

@@ -13,11 +13,11 @@ import pytest
 
 from tests.conftest import TinyFactory
 from vlmbridge import plan as planning
-from vlmbridge import quantization
 from vlmbridge.folder import read_safetensors_header
 from vlmbridge.memory import weight_stats
 from vlmbridge.plan import PlanInputs, choose_quantization, make_plan
-from vlmbridge.quantization import detect, installed, runtime
+from vlmbridge.quant import formats
+from vlmbridge.quant.formats import detect, installed, runtime
 from vlmbridge.tiny.prequantized import PreQuantKind, build_prequantized, pack_int4
 
 KINDS: tuple[PreQuantKind, ...] = ("fp8", "compressed-tensors", "gptq", "awq")
@@ -69,7 +69,7 @@ def test_unknown_and_absent() -> None:
 
 
 def test_missing_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quantization, "installed", lambda module: module == "accelerate")
+    monkeypatch.setattr(formats, "installed", lambda module: module == "accelerate")
     pre = detect({"quantization_config": {"quant_method": "gptq", "bits": 4}})
     assert pre is not None and pre.missing == ["optimum", "gptqmodel"]
 

@@ -16,7 +16,7 @@ from vlmbridge.engine.embedded import TransformersEngine
 from vlmbridge.engine.types import GenerationRequest, SamplingParams
 from vlmbridge.errors import QuantizationError
 from vlmbridge.loader import LoadedModel, LoadOptions, load_model
-from vlmbridge.quantization import installed
+from vlmbridge.quant.formats import installed
 from vlmbridge.tiny.prequantized import PreQuantKind, build_prequantized
 
 UP = "model.language_model.layers.0.mlp.up_proj"
@@ -125,9 +125,9 @@ def test_auto_keeps_the_checkpoints_own_quantization(prequantized: dict[str, Pat
 def test_missing_compressed_tensors_is_a_clear_error(
     prequantized: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vlmbridge import quantization
+    from vlmbridge.quant import formats
 
-    monkeypatch.setattr(quantization, "installed", lambda module: module != "compressed_tensors")
+    monkeypatch.setattr(formats, "installed", lambda module: module != "compressed_tensors")
     with pytest.raises(QuantizationError) as caught:
         load_model(prequantized["compressed-tensors"], LoadOptions(device="cpu", allow_dequantize=True))
     assert caught.value.fix == "pip install compressed-tensors"
@@ -138,15 +138,16 @@ def test_fp8_on_a_capable_gpu_needs_the_kernels_package(
 ) -> None:
     """The decision alone (no GPU here): capability 9.0 keeps FP8, whose matmul transformers 5.24 takes from the
     `kernels` package; without it the load is refused, or dequantized with --allow-dequantize."""
-    from vlmbridge import quantization, quantized_load
     from vlmbridge.folder import ModelFolder
+    from vlmbridge.quant import formats
+    from vlmbridge.quant import load as quant_load
 
-    monkeypatch.setattr(quantized_load, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(quantization, "installed", lambda module: module != "kernels")
+    monkeypatch.setattr(quant_load, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(formats, "installed", lambda module: module != "kernels")
     folder = ModelFolder.open(prequantized["fp8"])
 
-    def decide(allow: bool) -> quantized_load.QuantizedLoad:
-        return quantized_load.prepare_quantization(
+    def decide(allow: bool) -> quant_load.QuantizedLoad:
+        return quant_load.prepare_quantization(
             folder, quantization="auto", allow_dequantize=allow, device=torch.device("cuda", 0),
             dtype=torch.bfloat16, dtype_name="auto",
         )  # fmt: skip
@@ -157,6 +158,6 @@ def test_fp8_on_a_capable_gpu_needs_the_kernels_package(
     fallback = decide(True)
     assert fallback.label == "fp8 → dequantized"
     assert fallback.kwargs["config"].quantization_config["dequantize"] is True
-    monkeypatch.setattr(quantization, "installed", lambda module: True)
+    monkeypatch.setattr(formats, "installed", lambda module: True)
     native = decide(False)
     assert native.label == "fp8" and native.kwargs == {} and "kernels" in native.reason

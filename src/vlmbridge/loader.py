@@ -22,7 +22,7 @@ from vlmbridge.errors import (
 )
 from vlmbridge.families import MIN_TRANSFORMERS
 from vlmbridge.folder import ModelFolder
-from vlmbridge.quantized_load import prepare_quantization
+from vlmbridge.quant.load import prepare_quantization
 from vlmbridge.remote_code import check_remote_code
 
 if TYPE_CHECKING:

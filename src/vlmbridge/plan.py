@@ -31,7 +31,7 @@ from vlmbridge.memory import (
     max_context_that_fits,
     weight_stats,
 )
-from vlmbridge.quantization import (
+from vlmbridge.quant.formats import (
     BnbMethod,
     PreQuantization,
     QuantizationName,

@@ -1,24 +1,32 @@
-"""All configuration in one pydantic-settings model: CLI flags and `VLMBRIDGE_*` environment variables.
+"""All configuration, in two pydantic models and their flat union.
 
-CLI commands pass only the flags the user gave as init arguments, so flags override the environment, which
-overrides the defaults. Every field has a description (it becomes `--help` text and docs) and bounds.
+- `ModelSettings`: everything about loading and running one model (a models file's entries will be exactly these
+  fields).
+- `ServerSettings`: the HTTP server around it (binding, auth, image fetching and limits, timeouts, streaming).
+- `Settings`: both together, read from `VLMBRIDGE_<FIELD>` environment variables (pydantic-settings).
+
+Each field is the one source of its default, description and bounds: CLI flags are generated from the fields
+(`vlmbridge.cli.options`), and commands pass only the flags the user gave as init arguments, so flags override the
+environment, which overrides the defaults. A field whose flag is not `--field-name` names it in
+`json_schema_extra={"flag": ...}` (`--a/--b` for an on/off pair).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from vlmbridge.quantization import QuantizationName
+from vlmbridge.quant.formats import QuantizationName
 
 if TYPE_CHECKING:
     from vlmbridge.loader import LoadOptions
 
-__all__ = ["DTypeName", "QuantizationName", "Settings", "parse_remote_code_pin"]
+__all__ = ["DTypeName", "ModelSettings", "QuantizationName", "ServerSettings", "Settings", "parse_remote_code_pin"]
 
 DTypeName = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -43,13 +51,20 @@ def parse_remote_code_pin(spec: str) -> tuple[str, dict[str, str]]:
     return folder, parsed
 
 
-class Settings(BaseSettings):
-    """vlmbridge settings. Environment variables: `VLMBRIDGE_<FIELD>` (lists and mappings as JSON)."""
+class ModelSettings(BaseModel):
+    """How to load and run one model."""
 
-    model_config = SettingsConfigDict(env_prefix="VLMBRIDGE_", extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     # --- loading -----------------------------------------------------------------------------------------
-    model: Path | None = Field(None, description="Model folder (the one holding config.json).")
+    model: Path | None = Field(
+        None,
+        description="Model folder (the one holding config.json).",
+        json_schema_extra={"argument": "MODEL_DIR"},
+    )
+    served_model_name: str | None = Field(
+        None, max_length=256, description="Model name clients use; default: the model folder's name."
+    )
     dtype: DTypeName = Field(
         "auto",
         description="Weights dtype; auto = the checkpoint's stored dtype where the device supports it.",
@@ -59,7 +74,9 @@ class Settings(BaseSettings):
         "sdpa", description="Attention kernel transformers uses."
     )
     allow_pickle_weights: bool = Field(
-        False, description="Allow loading pickle .bin weights (unsafe: pickle can run code). Off by default."
+        False,
+        description="Allow loading pickle .bin weights (unsafe: pickle can run code). Off by default.",
+        json_schema_extra={"flag": "--allow-pickle-weights/--refuse-pickle-weights"},
     )
     quantization: QuantizationName = Field(
         "auto",
@@ -71,21 +88,26 @@ class Settings(BaseSettings):
         False,
         description="Load a pre-quantized checkpoint the device has no kernels for (FP8 below compute capability "
         "8.9, compressed-tensors int formats) dequantized, at 2-4x its memory. Off: that is an error.",
+        json_schema_extra={"flag": "--allow-dequantize/--refuse-dequantize"},
     )
     trust_remote_code: Annotated[dict[str, dict[str, str]], NoDecode] = Field(
         default_factory=dict,
         description="Remote-code allowlist: folder → {file.py: sha256}. JSON in the environment; "
         "DIR=FILE:SHA256[,FILE:SHA256] on the command line (repeatable).",
     )
-
-    cache_dir: Path = Field(
-        default_factory=lambda: _default_cache_dir(),
-        description="Where vlmbridge keeps what it builds (the demo model and picture).",
+    skip_doctor: bool = Field(
+        False,
+        description="Start even if `vlmbridge doctor` finds errors in the folder.",
+        json_schema_extra={"flag": "--skip-doctor"},
     )
 
     # --- generation ----------------------------------------------------------------------------------------
     context_length: int | None = Field(
-        None, ge=16, le=1 << 21, description="Context window in tokens; default min(model maximum, 32768)."
+        None,
+        ge=16,
+        le=1 << 21,
+        description="Context window in tokens; default min(model maximum, 32768).",
+        json_schema_extra={"flag": "--context"},
     )
     max_new_tokens: int = Field(
         512, ge=1, le=131072, description="Default completion length when a request does not set one."
@@ -97,47 +119,15 @@ class Settings(BaseSettings):
         description="Largest pixel budget per image (H×W after resizing); caps image tokens and memory.",
     )
     min_pixels: int | None = Field(
-        None, ge=1024, description="Smallest pixel budget per image; default: the processor's own."
+        None, ge=1024, le=16384 * 32 * 32, description="Smallest pixel budget per image; default: the processor's own."
     )
-
     low_detail_pixels: int = Field(
-        512 * 512, ge=3136, description="Pixel budget for images sent with OpenAI detail=low."
+        512 * 512, ge=3136, le=16384 * 32 * 32, description="Pixel budget for images sent with OpenAI detail=low."
     )
 
-    # --- serving -------------------------------------------------------------------------------------------
-    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server (set an API key).")
-    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0 = any free port).")
-    served_model_name: str | None = Field(
-        None, max_length=256, description="Model name clients use; default: the model folder's name."
-    )
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list,
-        description="Accepted API keys (Authorization: Bearer KEY). Empty = no auth. "
-        "Environment: comma-separated or a JSON list.",
-    )
-    skip_doctor: bool = Field(False, description="Start even if `vlmbridge doctor` finds errors in the folder.")
-    max_images: int = Field(8, ge=0, le=256, description="Most images in one request (all messages together).")
-    max_image_bytes: int = Field(
-        20 * 1024 * 1024, ge=1024, le=1 << 30, description="Largest image file (downloaded or base64-decoded)."
-    )
-    max_body_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, le=1 << 31, description="Largest request body; larger ones get 413."
-    )
-    allow_image_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Hosts, IPs or CIDRs image URLs may point to even if private or loopback "
-        "(e.g. Dify's file server). Comma-separated or JSON in the environment.",
-    )
-    allow_local_dirs: Annotated[list[Path], NoDecode] = Field(
-        default_factory=list, description="Directories whose files image_url may reference. Off by default."
-    )
-    image_fetch_timeout: float = Field(15.0, gt=0, le=600, description="Seconds allowed for downloading one image URL.")
-    image_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
-    request_timeout: float = Field(
-        600.0, gt=0, le=86400, description="Seconds a request may take from arrival to its last token."
-    )
-    max_queue: int = Field(64, ge=1, le=100000, description="Requests waiting for the engine; more get 429.")
+    # --- engine --------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together (continuous batching).")
+    max_queue: int = Field(64, ge=1, le=100000, description="Requests waiting for the engine; more get 429.")
     max_prefill_tokens: int = Field(
         8192, ge=16, le=1 << 20, description="Prompt tokens prefilled in one pass; bounds prefill memory."
     )
@@ -150,12 +140,85 @@ class Settings(BaseSettings):
     encoder_cache_mb: int = Field(
         256, ge=0, le=1 << 20, description="MiB of vision-encoder outputs kept per picture and pixel budget (0 = off)."
     )
+    pixel_cache_mb: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="MiB of processed pixels kept per picture and pixel budget, so a follow-up turn skips decoding "
+        "and the image processor (0 = off).",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,
         le=1024,
         description="CPU threads for torch when serving on CPU; default: all cores but one, which the event "
         "loop keeps (a preempted torch thread stalls every parallel kernel).",
+    )
+    engine_stall_timeout: float = Field(
+        120.0,
+        ge=0,
+        le=86400,
+        description="Seconds one engine step may take before /health reports the engine stuck (0 = never); "
+        "a long prefill on a CPU can take many seconds.",
+    )
+
+    @field_validator("trust_remote_code", mode="before")
+    @classmethod
+    def _parse_pins(cls, value: object) -> object:
+        # Environment gives a JSON string; the CLI gives a list of DIR=FILE:SHA specs.
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else {}
+        if isinstance(value, list | tuple):
+            entries: dict[str, dict[str, str]] = {}
+            for spec in value:
+                folder, pins = parse_remote_code_pin(str(spec))
+                entries.setdefault(folder, {}).update(pins)
+            return entries
+        return value
+
+    def served_name(self, path: Path) -> str:
+        """The name clients use for the model in `path`."""
+        return self.served_model_name or path.resolve().name
+
+    def load_options(self) -> LoadOptions:
+        from vlmbridge.loader import LoadOptions
+
+        return LoadOptions(
+            dtype=self.dtype,
+            device=self.device,
+            attn_implementation=self.attn_implementation,
+            allow_pickle_weights=self.allow_pickle_weights,
+            trust_remote_code=self.trust_remote_code,
+            quantization=self.quantization,
+            allow_dequantize=self.allow_dequantize,
+            context_length=self.context_length,
+            max_pixels=self.max_pixels,
+        )
+
+
+class ServerSettings(BaseModel):
+    """The HTTP server around the model: binding, auth, image fetching and limits, timeouts, streaming."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server (set an API key).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0 = any free port).")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (Authorization: Bearer KEY). Empty = no auth. "
+        "Environment: comma-separated or a JSON list.",
+        json_schema_extra={"flag": "--api-key"},
+    )
+    public_metrics: bool = Field(
+        False,
+        description="Serve /metrics without the API key (for a scraper on a private network).",
+        json_schema_extra={"flag": "--public-metrics"},
+    )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, le=1 << 31, description="Largest request body; larger ones get 413."
+    )
+    request_timeout: float = Field(
+        600.0, gt=0, le=86400, description="Seconds a request may take from arrival to its last token."
     )
     keepalive_interval: float = Field(
         10.0, gt=0, le=300, description="Seconds between SSE keep-alive comments while a stream waits."
@@ -173,8 +236,38 @@ class Settings(BaseSettings):
         description="Seconds in-flight requests may take to finish after SIGTERM/SIGINT; streams still running "
         "then end with an error event. Give the container a longer stop grace.",
     )
-    public_metrics: bool = Field(
-        False, description="Serve /metrics without the API key (for a scraper on a private network)."
+
+    # --- images --------------------------------------------------------------------------------------------
+    max_images: int = Field(8, ge=0, le=256, description="Most images in one request (all messages together).")
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, le=1 << 30, description="Largest image file (downloaded or base64-decoded)."
+    )
+    allow_image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts, IPs or CIDRs image URLs may point to even if private or loopback "
+        "(e.g. Dify's file server). Comma-separated or JSON in the environment.",
+        json_schema_extra={"flag": "--allow-image-host"},
+    )
+    allow_local_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories whose files image_url may reference. Off by default.",
+        json_schema_extra={"flag": "--allow-local-dir"},
+    )
+    image_fetch_timeout: float = Field(15.0, gt=0, le=600, description="Seconds allowed for downloading one image URL.")
+    image_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching an image URL.")
+    max_pixels_in_flight: int | None = Field(
+        None,
+        ge=4096 * 4096,
+        le=1 << 34,
+        description="Decoded image pixels all requests may hold at once (reserved from the image headers before "
+        "decoding); a request that would pass it gets 429 with Retry-After. Default: 8 × the per-image decode "
+        "limit (16 × max_pixels, between 4096² and 8192²).",
+    )
+
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where vlmbridge keeps what it builds (the demo and benchmark models, the demo picture); "
+        "default: $XDG_CACHE_HOME/vlmbridge, else ~/.cache/vlmbridge.",
     )
 
     @field_validator("api_keys", "allow_image_hosts", "allow_local_dirs", mode="before")
@@ -184,39 +277,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                import json
-
                 return json.loads(text)
             return [v.strip() for v in text.split(",") if v.strip()]
         return value
 
-    def load_options(self) -> LoadOptions:
-        from vlmbridge.loader import LoadOptions
 
-        return LoadOptions(
-            dtype=self.dtype,
-            device=self.device,
-            attn_implementation=self.attn_implementation,
-            allow_pickle_weights=self.allow_pickle_weights,
-            trust_remote_code=self.trust_remote_code,
-            quantization=self.quantization,
-            allow_dequantize=self.allow_dequantize,
-            context_length=self.context_length,
-            max_pixels=self.max_pixels,
-        )
+class Settings(ServerSettings, ModelSettings, BaseSettings):
+    """vlmbridge settings. Environment variables: `VLMBRIDGE_<FIELD>` (lists and mappings as JSON)."""
 
-    @field_validator("trust_remote_code", mode="before")
-    @classmethod
-    def _parse_pins(cls, value: object) -> object:
-        # Environment gives a JSON string; the CLI gives a list of DIR=FILE:SHA specs.
-        if isinstance(value, str):
-            import json
+    model_config = SettingsConfigDict(env_prefix="VLMBRIDGE_", extra="forbid", validate_default=True)
 
-            return json.loads(value) if value.strip() else {}
-        if isinstance(value, list | tuple):
-            entries: dict[str, dict[str, str]] = {}
-            for spec in value:
-                folder, pins = parse_remote_code_pin(str(spec))
-                entries.setdefault(folder, {}).update(pins)
-            return entries
-        return value
+    def model_settings(self) -> ModelSettings:
+        """The part that is about the model (what the engine factory takes)."""
+        return ModelSettings.model_validate({name: getattr(self, name) for name in ModelSettings.model_fields})

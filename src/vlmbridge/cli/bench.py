@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from vlmbridge.cli.console import err_console, out_console
+from vlmbridge.cli.options import SettingFlags, setting_flags, settings_from
 from vlmbridge.errors import InvalidRequestError
 from vlmbridge.settings import Settings
 
@@ -37,6 +38,7 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+@setting_flags("dtype", "cache_dir")
 def bench(
     model_dir: Annotated[
         Path | None, typer.Argument(metavar="[MODEL_DIR]", help="Model folder; default: the built-in small Qwen3-VL.")
@@ -50,7 +52,8 @@ def bench(
         list[str] | None,
         typer.Option(help="Leave a system out: vlmbridge, 'transformers serve', 'in-process generate'."),
     ] = None,
-    dtype: Annotated[str, typer.Option(help="dtype for every system.")] = "auto",
+    *,
+    flags: SettingFlags,
 ) -> None:
     """Benchmark vlmbridge against `transformers serve` and in-process generate on the same requests."""
     from vlmbridge.bench.throughput import ThroughputPlan, run_throughput
@@ -68,7 +71,9 @@ def bench(
     if not client_counts or any(c < 1 or c > 256 for c in client_counts):
         raise InvalidRequestError("--clients must be between 1 and 256")
     width, height = _size(image)
-    model = bench_model(Settings(), model_dir)
+    settings = settings_from(**flags)
+    dtype = settings.dtype  # for every system
+    model = bench_model(settings, model_dir)
     systems = tuple(s for s in SYSTEMS if s not in (skip or []))
     work = Workload(width=width, height=height, new_tokens=tokens)
     if scenario in ("throughput", "all"):

@@ -10,16 +10,7 @@ from typing import Annotated
 import typer
 
 from vlmbridge.cli.console import err_console, out_console, stage_printer
-from vlmbridge.cli.options import (
-    AllowDequantizeOpt,
-    AllowPickleOpt,
-    DeviceOpt,
-    DTypeOpt,
-    MaxPixelsOpt,
-    QuantizationOpt,
-    TrustRemoteCodeOpt,
-    settings_from,
-)
+from vlmbridge.cli.options import RUN_SETTINGS, SettingFlags, setting_flags, settings_from
 from vlmbridge.errors import ImageInputError
 from vlmbridge.media.decode import DecodedImage, decode_image
 from vlmbridge.settings import Settings
@@ -57,7 +48,7 @@ def run_chat(
     temperature: float | None = None,
     seed: int | None = None,
 ) -> None:
-    from vlmbridge.engine.embedded import EngineLimits, TransformersEngine
+    from vlmbridge.engine.factory import build_engine
     from vlmbridge.engine.types import (
         ChatMessage,
         GenerationRequest,
@@ -66,15 +57,10 @@ def run_chat(
         SamplingParams,
         TextPart,
     )
-    from vlmbridge.loader import load_model
 
     decoded = [_read_image(p, i) for i, p in enumerate(images)]  # fail on a bad image before loading
-    loaded = load_model(model_dir, settings.load_options(), progress=stage_printer())
-    engine = TransformersEngine(
-        loaded,
-        model_id=loaded.folder.path.name,
-        limits=EngineLimits(context_length=settings.context_length, default_max_new_tokens=settings.max_new_tokens),
-    )
+    model = settings.model_settings()
+    engine = build_engine(model, model_dir, model.served_name(model_dir), progress=stage_printer())
     engine.start(warm_up=False)
     budget = PixelBudget(max_pixels=settings.max_pixels, min_pixels=settings.min_pixels)
     parts: tuple[ImagePart | TextPart, ...] = (*(ImagePart(d, budget) for d in decoded), TextPart(prompt))
@@ -87,7 +73,7 @@ def run_chat(
     started = time.perf_counter()
     first: float | None = None
     try:
-        for chunk in engine.generate(request):
+        for chunk in engine.submit(engine.prepare(request)):
             if chunk.error is not None:
                 raise chunk.error
             if first is None:
@@ -102,7 +88,7 @@ def run_chat(
                 u = chunk.usage
                 sys.stdout.write("\n")
                 err_console.print(
-                    f"[{loaded.model_class} · {u.prompt_tokens} prompt tokens ({u.image_tokens} image) · "
+                    f"[{engine.info.model_class} · {u.prompt_tokens} prompt tokens ({u.image_tokens} image) · "
                     f"{u.completion_tokens} tokens in {elapsed:.2f}s "
                     f"({u.completion_tokens / max(elapsed, 1e-9):.1f} tok/s) "
                     f"· first token {((first or started) - started) * 1000:.0f} ms · finish: {chunk.finish_reason}]",
@@ -113,6 +99,7 @@ def run_chat(
         engine.shutdown()
 
 
+@setting_flags(*RUN_SETTINGS)
 def chat(
     model_dir: Annotated[Path, typer.Argument(metavar="MODEL", help="Model folder (the one holding config.json).")],
     prompt: Annotated[str, typer.Argument(help="What to ask.")],
@@ -125,24 +112,11 @@ def chat(
         float | None, typer.Option(min=0.0, max=2.0, help="0 = greedy; default from generation_config.json.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    dtype: DTypeOpt = None,
-    device: DeviceOpt = None,
-    max_pixels: MaxPixelsOpt = None,
-    trust_remote_code: TrustRemoteCodeOpt = None,
-    allow_pickle_weights: AllowPickleOpt = None,
-    quantization: QuantizationOpt = None,
-    allow_dequantize: AllowDequantizeOpt = None,
+    *,
+    flags: SettingFlags,
 ) -> None:
     """One answer from a model folder, streamed to the terminal — the quickest proof the model sees the image."""
-    settings = settings_from(
-        dtype=dtype,
-        device=device,
-        max_pixels=max_pixels,
-        trust_remote_code=trust_remote_code,
-        allow_pickle_weights=allow_pickle_weights,
-        quantization=quantization,
-        allow_dequantize=allow_dequantize,
-    )
+    settings = settings_from(model=model_dir, **flags)
     run_chat(
         settings, model_dir, prompt, list(image or []), system=system, max_tokens=max_tokens, temperature=temperature,
         seed=seed,

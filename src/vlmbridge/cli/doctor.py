@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from vlmbridge.cli.console import err_console, out_console
-from vlmbridge.cli.options import DeviceOpt, DTypeOpt, MaxPixelsOpt, settings_from
+from vlmbridge.cli.options import SettingFlags, setting_flags, settings_from
 
-__all__ = ["doctor", "parse_memory_size"]
+__all__ = ["BatchOpt", "ContextOpt", "GpuMemoryOpt", "ImagesOpt", "MaxPixelsOpt", "doctor", "parse_memory_size"]
 
 GpuMemoryOpt = Annotated[
     str | None,
@@ -17,10 +18,18 @@ GpuMemoryOpt = Annotated[
 ]
 ContextOpt = Annotated[
     int | None,
-    typer.Option("--context", min=16, max=1 << 21, help="Tokens per sequence. [default: min(model maximum, 32768)]"),
+    typer.Option(
+        "--context", min=16, max=1 << 21, help=escape("Tokens per sequence. [default: min(model maximum, 32768)]")
+    ),
 ]
 ImagesOpt = Annotated[int, typer.Option("--images", min=0, max=256, help="Images per sequence (1920×1080 each).")]
 BatchOpt = Annotated[int, typer.Option("--batch", min=1, max=4096, help="Sequences held at once.")]
+MaxPixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-pixels", help=escape("Pixel budget per image (H×W after resize). [default: the processor's own]")
+    ),
+]
 
 
 def parse_memory_size(value: str | None) -> int | None:
@@ -36,6 +45,7 @@ def parse_memory_size(value: str | None) -> int | None:
         raise typer.Exit(2) from None
 
 
+@setting_flags("device", "dtype")
 def doctor(
     model_dir: Annotated[
         str, typer.Argument(help="The model folder (the one holding config.json).", show_default=False)
@@ -43,13 +53,13 @@ def doctor(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON (schema: docs/doctor.md).")
     ] = False,
-    device: DeviceOpt = None,
     gpu_memory: GpuMemoryOpt = None,
-    dtype: DTypeOpt = None,
     context: ContextOpt = None,
     images: ImagesOpt = 1,
     max_pixels: MaxPixelsOpt = None,
     batch: BatchOpt = 1,
+    *,
+    flags: SettingFlags,
 ) -> None:
     """Check a model folder from its small files and safetensors headers — no weights loaded, no network.
 
@@ -60,7 +70,7 @@ def doctor(
     from vlmbridge.doctor.render import render_json, render_rich
 
     budget = parse_memory_size(gpu_memory)
-    settings = settings_from(device=device, dtype=dtype)
+    settings = settings_from(**flags)
     options = DoctorOptions(
         device=settings.device,
         gpu_memory=budget,

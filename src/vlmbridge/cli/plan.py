@@ -7,23 +7,25 @@ from typing import Annotated
 import typer
 
 from vlmbridge.cli.console import out_console
-from vlmbridge.cli.doctor import BatchOpt, ContextOpt, GpuMemoryOpt, ImagesOpt, parse_memory_size
-from vlmbridge.cli.options import DeviceOpt, MaxPixelsOpt, settings_from
+from vlmbridge.cli.doctor import BatchOpt, ContextOpt, GpuMemoryOpt, ImagesOpt, MaxPixelsOpt, parse_memory_size
+from vlmbridge.cli.options import SettingFlags, setting_flags, settings_from
 
 __all__ = ["plan"]
 
 
+@setting_flags("device")
 def plan(
     model_dir: Annotated[
         str, typer.Argument(help="The model folder (the one holding config.json).", show_default=False)
     ],
-    device: DeviceOpt = None,
     gpu_memory: GpuMemoryOpt = None,
     context: ContextOpt = None,
     images: ImagesOpt = 1,
     max_pixels: MaxPixelsOpt = None,
     batch: BatchOpt = 1,
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema: docs/plan.md).")] = False,
+    *,
+    flags: SettingFlags,
 ) -> None:
     """Plan the memory of a model before loading it: weights, KV cache, image tokens and activations for each
     loading option (as stored, bf16, fp16, bnb-8bit, bnb-4bit, or the checkpoint's own quantization), whether
@@ -36,7 +38,7 @@ def plan(
     from vlmbridge.plan_render import render_json, render_rich
 
     budget = parse_memory_size(gpu_memory)
-    settings = settings_from(device=device)
+    settings = settings_from(**flags)
     inputs = PlanInputs(
         device=settings.device, gpu_memory=budget, context=context, images=images, max_pixels=max_pixels, batch=batch
     )

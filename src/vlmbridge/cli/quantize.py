@@ -8,29 +8,30 @@ from typing import Annotated
 import typer
 
 from vlmbridge.cli.console import out_console, stage_printer
-from vlmbridge.cli.options import DeviceOpt, TrustRemoteCodeOpt, settings_from
+from vlmbridge.cli.options import SettingFlags, setting_flags, settings_from
 from vlmbridge.errors import QuantizationError
 
 __all__ = ["quantize"]
 
 
+@setting_flags("device", "trust_remote_code")
 def quantize(
     model_dir: Annotated[Path, typer.Argument(metavar="MODEL_DIR", help="The bf16/fp32 model folder.")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the quantized copy to.")],
     method: Annotated[str, typer.Option("--method", help="bnb-4bit (nf4) or bnb-8bit (int8).")] = "bnb-4bit",
-    device: DeviceOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it is not empty.")] = False,
-    trust_remote_code: TrustRemoteCodeOpt = None,
+    *,
+    flags: SettingFlags,
 ) -> None:
     """Quantize with bitsandbytes once and save the result, so a production box loads the small copy directly
     (`vlmbridge serve OUT` needs no --quantization). Runs on a CUDA GPU, or on the CPU where bitsandbytes has
     its CPU backend."""
     from vlmbridge.memory import format_bytes
-    from vlmbridge.quantize import quantize_checkpoint
+    from vlmbridge.quant.convert import quantize_checkpoint
 
     if method not in ("bnb-4bit", "bnb-8bit"):
         raise QuantizationError(f"unknown method {method!r}", fix="use --method bnb-4bit or --method bnb-8bit")
-    settings = settings_from(device=device, trust_remote_code=trust_remote_code)
+    settings = settings_from(**flags)
     result = quantize_checkpoint(
         model_dir,
         out,

@@ -12,18 +12,9 @@ import typer
 from rich.markup import escape
 
 from vlmbridge.cli.console import err_console, out_console
-from vlmbridge.cli.options import (
-    AllowDequantizeOpt,
-    AllowPickleOpt,
-    DeviceOpt,
-    DTypeOpt,
-    MaxPixelsOpt,
-    QuantizationOpt,
-    TrustRemoteCodeOpt,
-    settings_from,
-)
+from vlmbridge.cli.options import RUN_SETTINGS, SettingFlags, env_var, setting_flags, settings_from
 from vlmbridge.errors import ModelFolderError
-from vlmbridge.settings import Settings
+from vlmbridge.settings import ModelSettings, ServerSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +48,7 @@ def preflight(settings: Settings, path: Path) -> None:
 
 def run_server(settings: Settings) -> None:
     from vlmbridge.server import create_app
-    from vlmbridge.server.factory import build_slot, served_name
+    from vlmbridge.server.factory import build_slot
     from vlmbridge.server.runner import DrainingServer, uvicorn_config
 
     if settings.model is None:
@@ -75,7 +66,7 @@ def run_server(settings: Settings) -> None:
     app = create_app(settings, slot)
     where = f"http://{settings.host}:{settings.port}/v1" if settings.port else f"{settings.host}, on a free port"
     err_console.print(
-        f"serving {path} as {served_name(settings, path)!r} on {where} "
+        f"serving {path} as {settings.served_name(path)!r} on {where} "
         "(model loading in the background; GET /health says when it is ready)",
         style="dim",
         markup=False,
@@ -84,77 +75,30 @@ def run_server(settings: Settings) -> None:
     DrainingServer(config, app.state.lifecycle, settings.shutdown_grace).run()
 
 
+SERVE_SETTINGS = tuple(name for name in (*ServerSettings.model_fields, *ModelSettings.model_fields) if name != "model")
+
+
+@setting_flags(*SERVE_SETTINGS)
 def serve(
     model_dir: Annotated[
-        Path | None, typer.Argument(metavar="MODEL_DIR", help="Model folder. [env: VLMBRIDGE_MODEL]")
+        Path | None, typer.Argument(metavar="MODEL_DIR", help=escape(f"Model folder. [env: {env_var('model')}]"))
     ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind. [default: 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port. [default: 8000]")] = None,
-    served_model_name: Annotated[
-        str | None, typer.Option(help="Model name clients use. [default: folder name]")
-    ] = None,
-    api_key: Annotated[
-        list[str] | None, typer.Option(help="Accepted API key. Repeatable. [env: VLMBRIDGE_API_KEYS]")
-    ] = None,
-    dtype: DTypeOpt = None,
-    device: DeviceOpt = None,
-    context: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
-    max_pixels: MaxPixelsOpt = None,
-    max_images: Annotated[int | None, typer.Option(help="Most images per request. [default: 8]")] = None,
-    allow_image_host: Annotated[
-        list[str] | None, typer.Option(help="Host/IP/CIDR image URLs may use even if private. Repeatable.")
-    ] = None,
-    allow_local_dir: Annotated[
-        list[Path] | None, typer.Option(help="Directory image_url may read files from. Repeatable. [default: none]")
-    ] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Requests decoded together.")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429.")] = None,
-    request_timeout: Annotated[float | None, typer.Option(help="Seconds per request.")] = None,
-    prefix_cache_mb: Annotated[
-        int | None, typer.Option(help="MiB of KV cache kept for follow-up turns (0 = off). [default: 1024]")
-    ] = None,
-    encoder_cache_mb: Annotated[
-        int | None, typer.Option(help="MiB of vision-encoder outputs kept (0 = off). [default: 256]")
-    ] = None,
-    skip_doctor: Annotated[bool | None, typer.Option("--skip-doctor", help="Start despite doctor errors.")] = None,
-    stream_usage: Annotated[
-        str | None,
-        typer.Option(
-            help="always: streams carry usage on their finish chunk even when the client did not ask (Dify's SDK "
-            "needs it); requested: only with stream_options.include_usage. [default: always]"
-        ),
-    ] = None,
-    shutdown_grace: Annotated[
-        float | None, typer.Option(help="Seconds in-flight requests get to finish after SIGTERM. [default: 30]")
-    ] = None,
-    public_metrics: Annotated[
-        bool | None, typer.Option("--public-metrics", help="Serve /metrics without the API key.")
-    ] = None,
-    trust_remote_code: TrustRemoteCodeOpt = None,
-    allow_pickle_weights: AllowPickleOpt = None,
-    quantization: QuantizationOpt = None,
-    allow_dequantize: AllowDequantizeOpt = None,
+    *,
+    flags: SettingFlags,
 ) -> None:
     """Serve a model folder with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
-    settings = settings_from(
-        model=model_dir, host=host, port=port, served_model_name=served_model_name, api_keys=api_key, dtype=dtype,
-        device=device, context_length=context, max_pixels=max_pixels, max_images=max_images,
-        allow_image_hosts=allow_image_host, allow_local_dirs=allow_local_dir, max_batch_size=max_batch_size,
-        max_queue=max_queue, request_timeout=request_timeout, skip_doctor=skip_doctor,
-        prefix_cache_mb=prefix_cache_mb, encoder_cache_mb=encoder_cache_mb,
-        trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights, quantization=quantization,
-        allow_dequantize=allow_dequantize, stream_usage=stream_usage, shutdown_grace=shutdown_grace,
-        public_metrics=public_metrics,
-    )  # fmt: skip
-    run_server(settings)
+    run_server(settings_from(model=model_dir, **flags))
 
 
+@setting_flags(*RUN_SETTINGS, "skip_doctor", "cache_dir")
 def demo(
     model_dir: Annotated[
         Path | None,
         typer.Argument(metavar="[MODEL_DIR]", help="A model folder to use instead of the built-in tiny demo model."),
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 24,
+    *,
+    flags: SettingFlags,
 ) -> None:
     """Start the server on the tiny demo model (built on first run), ask it about a picture with the openai client,
     print the answer and the usage, stop."""
@@ -164,14 +108,14 @@ def demo(
 
     from vlmbridge.demo import demo_assets
     from vlmbridge.server import create_app
-    from vlmbridge.server.factory import build_slot, served_name
+    from vlmbridge.server.factory import build_slot
     from vlmbridge.server.runner import ServerThread
 
-    settings = Settings()
+    settings = settings_from(**flags)
     folder, picture = demo_assets(settings.cache_dir, model_dir)
     preflight(settings, folder)
     slot = build_slot(settings, folder)
-    name = served_name(settings, folder)
+    name = settings.served_name(folder)
     started = time.perf_counter()
     with ServerThread(create_app(settings, slot)) as base_url:
         with err_console.status(f"loading {folder.name} behind {base_url}/v1 …"):

@@ -11,7 +11,7 @@ stay as they were, as in the public Qwen-VL quantized repos.
 | gptq | `qweight` I32 (packed along inputs) + `qzeros` + `scales` F16 + `g_idx` | `quant_method: gptq` |
 | awq | `qweight` I32 (packed along outputs, AWQ order) + `qzeros` + `scales` F16 | `quant_method: awq` |
 
-bitsandbytes copies come from `vlmbridge quantize` itself (`vlmbridge.quantize`).
+bitsandbytes copies come from `vlmbridge quantize` itself (`vlmbridge.quant.convert`).
 """
 
 from __future__ import annotations

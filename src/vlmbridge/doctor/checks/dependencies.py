@@ -12,7 +12,7 @@ from typing import Any
 
 from vlmbridge.doctor.context import Context
 from vlmbridge.doctor.findings import Evidence, Finding, Severity
-from vlmbridge.quantization import QUANT_PACKAGES, installed
+from vlmbridge.quant.formats import QUANT_PACKAGES, installed
 
 __all__ = ["QUANT_PACKAGES", "check_dependencies", "check_quantization", "installed"]
 

@@ -23,7 +23,7 @@ from vlmbridge.memory import (
     weight_stats,
 )
 from vlmbridge.plan import DEFAULT_CONTEXT_CAP
-from vlmbridge.quantization import detect, runtime
+from vlmbridge.quant.formats import detect, runtime
 
 __all__ = ["DEFAULT_CONTEXT_CAP", "check_memory"]
 

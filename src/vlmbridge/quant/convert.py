@@ -17,7 +17,7 @@ from vlmbridge.errors import ModelFolderError, QuantizationError
 from vlmbridge.folder import ModelFolder, read_safetensors_header
 from vlmbridge.loader import LoadOptions, load_model
 from vlmbridge.memory import weight_stats
-from vlmbridge.quantization import BnbMethod, detect
+from vlmbridge.quant.formats import BnbMethod, detect
 
 __all__ = ["QuantizeResult", "quantize_checkpoint"]
 

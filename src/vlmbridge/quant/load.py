@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from vlmbridge.errors import ModelFolderError, QuantizationError
 from vlmbridge.folder import ModelFolder, read_safetensors_header
 from vlmbridge.memory import format_bytes, weight_stats
-from vlmbridge.quantization import BnbMethod, PreQuantization, QuantizationName, Runtime, detect, installed, runtime
+from vlmbridge.quant.formats import BnbMethod, PreQuantization, QuantizationName, Runtime, detect, installed, runtime
 
 if TYPE_CHECKING:
     import torch
