@@ -63,6 +63,8 @@ ERRORS_MD: list[tuple[str, str | None]] = [
 
 # Messages of the entries added beyond errors.md, as transformers 5.24 and friends print them.
 ADDED: list[tuple[str, str | None]] = [
+    ("openai.BadRequestError: Error code: 400 - image URL is a relative link (/files/…), which this server cannot "
+     "resolve: Dify sends these when its FILES_URL is empty.", None),
     ("ValueError: Unrecognized model in /models/x. Should have a `model_type` key in its config.json.", "VB200"),
     ("OSError: It looks like the config file at '/m/config.json' is not a valid JSON file.", "VB101"),
     ("SafetensorError: Error while deserializing header: invalid UTF-8 in header", "VB104"),

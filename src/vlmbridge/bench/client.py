@@ -43,7 +43,11 @@ class RunResult:
 
 
 async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, float, str]:
-    """POST a streaming chat request; (latency, time to first token, text). Raises RuntimeError on errors."""
+    """POST a streaming chat request; (latency, time to first token, text). Raises RuntimeError on errors.
+
+    The first token is the first event that carries output: content, reasoning, or — when the body asks for
+    logprobs — a token's logprobs, which arrive even for a token whose text is still an incomplete character
+    (frequent with the random-weight benchmark checkpoints, where it would add decode steps to the figure)."""
     start = time.perf_counter()
     first = 0.0
     text: list[str] = []
@@ -60,9 +64,11 @@ async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[
             if "error" in chunk:
                 raise RuntimeError(str(chunk["error"])[:300])
             for choice in chunk.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
+                delta = choice.get("delta") or {}
+                piece = delta.get("content")
                 if piece:
                     text.append(piece)
+                if piece or delta.get("reasoning_content") or (choice.get("logprobs") or {}).get("content"):
                     first = first or time.perf_counter()
     end = time.perf_counter()
     return end - start, (first or end) - start, "".join(text)

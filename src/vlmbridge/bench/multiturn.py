@@ -1,14 +1,20 @@
 """Multi-turn scenario: a 5-turn chat whose first turn carries a 1024×1024 picture, resent every turn as chat
-clients do; time to first token per turn, with and without vlmbridge's KV/encoder reuse, and `transformers serve`.
+clients do; time to first token per turn, with and without vlmbridge's reuse (KV prefix, vision-encoder and
+processed-pixel caches), and `transformers serve`. vlmbridge's cache hits per turn come from its /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import io
 import json
+import re
 import statistics
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,11 @@ from rich.table import Table
 from vlmbridge.bench.client import stream_chat
 from vlmbridge.bench.servers import transformers_serve, vlmbridge_serve
 
-__all__ = ["MultiTurnPlan", "run_multiturn"]
+__all__ = ["NO_REUSE", "MultiTurnPlan", "pixel_cache_hits", "run_multiturn"]
+
+# Every cache off: the baseline decodes, processes, encodes and prefills the whole conversation every turn.
+NO_REUSE = ("--prefix-cache-mb", "0", "--encoder-cache-mb", "0", "--pixel-cache-mb", "0")
+_PIXEL_HITS = re.compile(r'^vlmbridge_cache\{cache="pixel",stat="hits"\} (\S+)$', re.MULTILINE)
 
 QUESTIONS = (
     "Describe this picture.",
@@ -51,10 +61,35 @@ def _picture(size: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def _conversation(base: str, plan: MultiTurnPlan, seed: int, body_for: Any) -> list[float]:
+async def pixel_cache_hits(client: httpx.AsyncClient) -> float | None:
+    """The server's pixel-cache hit counter (None where /metrics has none: another server, or an older one)."""
+    try:
+        found = _PIXEL_HITS.search((await client.get("/metrics")).text)
+    except httpx.HTTPError:
+        return None
+    return float(found.group(1)) if found else None
+
+
+@dataclass(frozen=True)
+class _Run:
+    label: str
+    start: Callable[[], AbstractContextManager[str]]  # starts the server, yields its base URL
+    body_for: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+@dataclass
+class _Turns:
+    ttfts: list[float] = field(default_factory=list)
+    pixel_hits: list[float | None] = field(default_factory=list)  # hits added by each turn
+
+
+async def _conversation(
+    base: str, plan: MultiTurnPlan, seed: int, body_for: Callable[[list[dict[str, Any]]], dict[str, Any]]
+) -> _Turns:
     messages: list[dict[str, Any]] = []
-    ttfts = []
+    out = _Turns()
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        before = await pixel_cache_hits(client)
         for turn, question in enumerate(plan.turns):
             content: Any = question
             if turn == 0:
@@ -64,9 +99,12 @@ async def _conversation(base: str, plan: MultiTurnPlan, seed: int, body_for: Any
                 ]
             messages.append({"role": "user", "content": content})
             _, ttft, answer = await stream_chat(client, body_for(messages))
-            ttfts.append(ttft)
+            out.ttfts.append(ttft)
+            after = await pixel_cache_hits(client)
+            out.pixel_hits.append(None if after is None or before is None else after - before)
+            before = after
             messages.append({"role": "assistant", "content": answer})
-    return ttfts
+    return out
 
 
 def run_multiturn(plan: MultiTurnPlan, console: Console) -> dict[str, list[float]]:
@@ -74,59 +112,90 @@ def run_multiturn(plan: MultiTurnPlan, console: Console) -> dict[str, list[float
     tokens = plan.new_tokens
 
     def ours(messages: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"model": "bench", "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True}
+        # logprobs: every token streams an event, so the first token is seen even before it makes text.
+        return {"model": "bench", "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "logprobs": True}  # fmt: skip
 
     def theirs(messages: list[dict[str, Any]]) -> dict[str, Any]:
         gen = {"max_new_tokens": tokens, "do_sample": False}
         return {"model": str(plan.model), "messages": messages, "stream": True, "generation_config": json.dumps(gen)}
 
-    runs: list[tuple[str, Any, Any]] = []
+    # Systems in one group run side by side, their conversations alternating, so a change in the machine's load
+    # (other work on a shared host) hits both sides of the reuse / no-reuse ratio alike.
+    groups: list[list[_Run]] = []
     if "vlmbridge" in plan.systems:
-        runs.append(("vlmbridge, reuse", lambda: vlmbridge_serve(plan.model, "bench", "--dtype", plan.dtype), ours))
-        runs.append((
-            "vlmbridge, no reuse",
-            lambda: vlmbridge_serve(plan.model, "bench", "--dtype", plan.dtype, "--prefix-cache-mb", "0",
-                                    "--encoder-cache-mb", "0"),
-            ours,
-        ))  # fmt: skip
+        serve = functools.partial(vlmbridge_serve, plan.model, "bench", "--dtype", plan.dtype)
+        groups.append(
+            [_Run("vlmbridge, reuse", serve, ours), _Run("vlmbridge, no reuse", lambda: serve(*NO_REUSE), ours)]
+        )
     if "transformers serve" in plan.systems:
-        runs.append(("transformers serve", lambda: transformers_serve(plan.model, "--device", "cpu"), theirs))
+        groups.append([_Run("transformers serve", lambda: transformers_serve(plan.model, "--device", "cpu"), theirs)])
 
     medians: dict[str, list[float]] = {}
+    hits: dict[str, list[float | None]] = {}  # median pixel-cache hits each turn added
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("multi-turn", total=len(runs) * (plan.repeats + 1))
-        for label, start_server, body_for in runs:
-            progress.update(task, description=f"{label}: starting")
-            try:
-                with start_server() as base:
-                    per_turn: list[list[float]] = [[] for _ in plan.turns]
-                    for repeat in range(plan.repeats + 1):  # the first conversation only warms up
-                        progress.update(task, description=f"{label}: conversation {repeat + 1}")
-                        ttfts = asyncio.run(_conversation(base, plan, seed=1000 + repeat, body_for=body_for))
+        task = progress.add_task("multi-turn", total=sum(len(g) for g in groups) * (plan.repeats + 1))
+        for group in groups:
+            with contextlib.ExitStack() as stack:
+                bases: dict[str, str] = {}
+                for run in group:
+                    progress.update(task, description=f"{run.label}: starting")
+                    try:
+                        bases[run.label] = stack.enter_context(run.start())
+                    except RuntimeError as exc:
+                        console.print(f"{run.label} skipped: {exc}", style="yellow")
+                        progress.advance(task, plan.repeats + 1)
+                ttfts: dict[str, list[list[float]]] = {label: [[] for _ in plan.turns] for label in bases}
+                turn_hits: dict[str, list[list[float]]] = {label: [[] for _ in plan.turns] for label in bases}
+                for repeat in range(plan.repeats + 1):  # the first conversation only warms up
+                    for run in (r for r in group if r.label in bases):
+                        progress.update(task, description=f"{run.label}: conversation {repeat + 1}")
+                        try:
+                            turns = asyncio.run(_conversation(bases[run.label], plan, 1000 + repeat, run.body_for))
+                        except (RuntimeError, httpx.HTTPError) as exc:
+                            console.print(f"{run.label} dropped: {exc}", style="yellow")
+                            del bases[run.label]
+                            continue
                         if repeat:
-                            for turn, value in enumerate(ttfts):
-                                per_turn[turn].append(value)
+                            for turn, (value, added) in enumerate(zip(turns.ttfts, turns.pixel_hits, strict=True)):
+                                ttfts[run.label][turn].append(value)
+                                if added is not None:
+                                    turn_hits[run.label][turn].append(added)
                         progress.advance(task)
-            except RuntimeError as exc:
-                console.print(f"{label} skipped: {exc}", style="yellow")
-                continue
-            medians[label] = [statistics.median(v) for v in per_turn]
+            for label in bases:
+                medians[label] = [statistics.median(v) for v in ttfts[label]]
+                hits[label] = [statistics.median(v) if v else None for v in turn_hits[label]]
 
+    console.print(_table(plan, medians, hits))
+    return medians
+
+
+def _table(plan: MultiTurnPlan, medians: dict[str, list[float]], hits: dict[str, list[float | None]]) -> Table:
     table = Table(
         title=f"multi-turn: {plan.model.name}, {plan.size}×{plan.size} picture in turn 1 (resent every turn), "
         f"{plan.new_tokens} new tokens per turn, median time to first token of {plan.repeats} conversations",
         title_justify="left",
     )
+    both = {"vlmbridge, reuse", "vlmbridge, no reuse"} <= set(medians)
+    with_hits = [label for label in medians if any(h is not None for h in hits.get(label, []))]
     table.add_column("turn", justify="right")
     for label in medians:
         table.add_column(label, justify="right")
-    if {"vlmbridge, reuse", "vlmbridge, no reuse"} <= set(medians):
+    if both:
         table.add_column("reuse / no reuse", justify="right")
+    if with_hits:
+        table.add_column("pixel-cache hits: " + " / ".join(label.removeprefix("vlmbridge, ") for label in with_hits),
+                         justify="right")  # fmt: skip
     for turn in range(len(plan.turns)):
         cells = [f"{medians[label][turn] * 1000:.0f} ms" for label in medians]
-        if {"vlmbridge, reuse", "vlmbridge, no reuse"} <= set(medians):
+        if both:
             ratio = medians["vlmbridge, reuse"][turn] / medians["vlmbridge, no reuse"][turn]
             cells.append(f"{ratio:.2f}×")
+        if with_hits:
+            cells.append(" / ".join(_added(hits[label][turn]) for label in with_hits))
         table.add_row(str(turn + 1), *cells)
-    console.print(table)
-    return medians
+    return table
+
+
+def _added(value: float | None) -> str:
+    return "—" if value is None else f"+{value:.0f}"

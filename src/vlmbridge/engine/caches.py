@@ -1,20 +1,22 @@
-"""Caches that make follow-up turns cheap: finished requests' KV cache by token prefix, and vision-encoder outputs.
+"""Caches that make follow-up turns cheap: finished requests' KV cache by token prefix, vision-encoder outputs, and
+processed pixels.
 
-Chat clients (Dify included) resend the whole conversation, images and all, every turn. Both caches are keyed by
+Chat clients (Dify included) resend the whole conversation, images and all, every turn. The caches are keyed by
 content, never by request: a prompt position holds its token id, or — for image placeholder tokens — the image's
-pixel digest and pixel budget, so the same text with a different picture (even of the same size) never matches.
-Both are LRU within a byte budget.
+digest (of its bytes) and pixel budget, so the same text with a different picture (even of the same size) never
+matches. All are LRU within a byte budget.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CacheStats", "EncoderCache", "PrefixCache", "PrefixHit", "prompt_keys"]
+__all__ = ["CacheStats", "EncoderCache", "PixelCache", "PrefixCache", "PrefixHit", "ProcessedPixels", "prompt_keys"]
 
 BLOCK = 16  # prefix lookups walk hashed blocks of this many positions, then compare the rest one by one
 
@@ -175,3 +177,58 @@ class EncoderCache:
         self._items[key] = _Features(parts=parts, nbytes=nbytes)
         self.stats.bytes += nbytes
         self.stats.entries = len(self._items)
+
+
+@dataclass(frozen=True)
+class ProcessedPixels:
+    """The image processor's output for one image: its patch rows and its (t, h, w) grid, shape (1, 3)."""
+
+    pixel_values: Any
+    image_grid_thw: Any
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.numel() * t.element_size()) for t in (self.pixel_values, self.image_grid_thw))
+
+
+class PixelCache:
+    """Processed pixels per image key (digest of the bytes + budget): a follow-up turn that resends a picture skips
+    decoding it and the image processor. Prompts are built on several threads at once, hence the lock."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.stats = CacheStats()
+        self._items: OrderedDict[str, ProcessedPixels] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.stats = CacheStats()
+
+    def __contains__(self, key: object) -> bool:  # a peek: no stats, no LRU move
+        with self._lock:
+            return key in self._items
+
+    def get(self, key: str) -> ProcessedPixels | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.stats.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.stats.hits += 1
+            return item
+
+    def put(self, key: str, item: ProcessedPixels) -> None:
+        nbytes = item.nbytes
+        with self._lock:
+            if nbytes > self.budget or key in self._items:
+                return
+            while self._items and self.stats.bytes + nbytes > self.budget:
+                _, dropped = self._items.popitem(last=False)
+                self.stats.bytes -= dropped.nbytes
+                self.stats.evictions += 1
+            self._items[key] = item
+            self.stats.bytes += nbytes
+            self.stats.entries = len(self._items)

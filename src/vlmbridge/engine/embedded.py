@@ -75,6 +75,7 @@ class EngineLimits:
     # Finished requests' KV kept for follow-up turns, and vision-encoder outputs; 0 turns a cache off.
     prefix_cache_bytes: int = 1 << 30
     encoder_cache_bytes: int = 256 << 20
+    pixel_cache_bytes: int = 256 << 20  # processed pixels per picture and budget: follow-ups skip the processor
     # torch CPU threads for prefills and for decode steps; 0 leaves torch's setting alone.
     prefill_threads: int = 0
     decode_threads: int = 0
@@ -99,6 +100,7 @@ class EngineLimits:
             batch_wait_s=model.batch_wait_ms / 1000,
             prefix_cache_bytes=model.prefix_cache_mb << 20,
             encoder_cache_bytes=model.encoder_cache_mb << 20,
+            pixel_cache_bytes=model.pixel_cache_mb << 20,
             prefill_threads=prefill_threads,
             decode_threads=decode_threads,
             stall_after_s=model.engine_stall_timeout,
@@ -148,7 +150,9 @@ class TransformersEngine:
         text_cfg = model.config.get_text_config(decoder=True)
         max_pos = int(getattr(text_cfg, "max_position_embeddings", 32768) or 32768)
         self.context_length = min(self.limits.context_length or min(max_pos, 32768), max_pos)
-        self.prompts = PromptBuilder(loaded.processor, loaded.tokenizer, self.context_length)
+        self.prompts = PromptBuilder(
+            loaded.processor, loaded.tokenizer, self.context_length, pixel_cache_bytes=self.limits.pixel_cache_bytes
+        )
         self._info = EngineInfo(
             model_id=model_id,
             model_path=str(loaded.folder.path),
@@ -290,7 +294,7 @@ class TransformersEngine:
                 raise chunk.error
         while self.active_count() and self._closed is None:  # the worker files the KV right after the last chunk
             time.sleep(0.001)
-        for cache in (self.prefix_cache, self.encoder_cache):
+        for cache in (self.prefix_cache, self.encoder_cache, self.prompts.pixel_cache):
             if cache is not None:
                 cache.clear()  # the warm-up's picture and prompt are nobody's conversation
 

@@ -1,8 +1,10 @@
 """Turn chat messages into model inputs with the model's own processor and chat template.
 
-Images reach the processor as decoded PIL images only. Control tokens typed by users (`<|image_pad|>`,
-`<|im_end|>`, …) are encoded as plain text (transformers' `sanitize_control_tokens`), so a prompt cannot forge
-image placeholders or end a turn early.
+Images reach the image processor as decoded PIL images only, one at a time at their own pixel budget, and their
+processed pixels are kept per content and budget (`PixelCache`): a follow-up turn that resends a picture neither
+decodes nor processes it again (see `pixels`). Control tokens typed by users (`<|image_pad|>`, `<|im_end|>`, …)
+are encoded as plain text (transformers' `sanitize_control_tokens`), so a prompt cannot forge image placeholders
+or end a turn early.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vlmbridge.engine.types import ChatMessage, ImagePart, PixelBudget, TextPart
+from vlmbridge.engine.caches import PixelCache
+from vlmbridge.engine.pixels import ImagePixels, image_key
+from vlmbridge.engine.types import ChatMessage, PixelBudget, TextPart
 from vlmbridge.errors import ContextLengthError, InvalidRequestError
 
-__all__ = ["RESERVED_TEMPLATE_KWARGS", "ModelInputs", "PromptBuilder"]
+__all__ = ["DEFAULT_PIXEL_CACHE_BYTES", "RESERVED_TEMPLATE_KWARGS", "ModelInputs", "PromptBuilder"]
+
+DEFAULT_PIXEL_CACHE_BYTES = 256 << 20  # the serve default (--pixel-cache-mb 256)
 
 # apply_chat_template's own parameters: a client's chat_template_kwargs must not override them.
 RESERVED_TEMPLATE_KWARGS = frozenset(
@@ -43,7 +49,19 @@ class ModelInputs:
 
 
 class PromptBuilder:
-    def __init__(self, processor: Any | None, tokenizer: Any, context_length: int) -> None:
+    """Thread-safe: prompts are built on the callers' threads, several at once.
+
+    `pixel_cache_bytes` bounds the processed-pixel cache (0 = off); `pixel_cache` is None when off or text-only.
+    """
+
+    def __init__(
+        self,
+        processor: Any | None,
+        tokenizer: Any,
+        context_length: int,
+        *,
+        pixel_cache_bytes: int = DEFAULT_PIXEL_CACHE_BYTES,
+    ) -> None:
         self.processor = processor
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -53,6 +71,8 @@ class PromptBuilder:
         size = getattr(image_processor, "size", None)
         self.default_min_pixels = int(getattr(size, "shortest_edge", None) or 3136)
         self.image_token_id = self._token_id("<|image_pad|>")
+        self.pixel_cache = PixelCache(pixel_cache_bytes) if processor is not None and pixel_cache_bytes > 0 else None
+        self._pixels = ImagePixels(processor, self.pixel_cache, self.default_min_pixels)
 
     @property
     def is_vlm(self) -> bool:
@@ -80,10 +100,8 @@ class PromptBuilder:
         return int(h), int(w)
 
     # --- building ---------------------------------------------------------------------------------------
-    def template_messages(self, messages: tuple[ChatMessage, ...], images: list[Any]) -> list[dict[str, Any]]:
-        """Our messages in the chat-template format; appends each image (resized if needed) to `images`."""
-        budgets = [p.budget for m in messages for p in m.images]
-        uniform = len(set(budgets)) <= 1
+    def template_messages(self, messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:
+        """Our messages in the chat-template format (each image a placeholder: its pixels come processed)."""
         out: list[dict[str, Any]] = []
         for i, msg in enumerate(messages):
             if isinstance(msg.content, str):
@@ -97,26 +115,17 @@ class PromptBuilder:
                     )
                 content = "".join(p.text for p in msg.content if isinstance(p, TextPart))
             else:
-                content = []
-                for part in msg.content:
-                    if isinstance(part, TextPart):
-                        content.append({"type": "text", "text": part.text})
-                    else:
-                        pil = part.image.image if uniform else self._pre_resize(part)
-                        images.append(pil)
-                        content.append({"type": "image", "image": pil})
+                content = [
+                    {"type": "text", "text": part.text}
+                    if isinstance(part, TextPart)
+                    else {"type": "image", "image": self._pixels.placeholder}
+                    for part in msg.content
+                ]
             entry: dict[str, Any] = {"role": msg.role, "content": content}
             if msg.reasoning_content:
                 entry["reasoning_content"] = msg.reasoning_content
             out.append(entry)
         return out
-
-    def _pre_resize(self, part: ImagePart) -> Any:
-        # Mixed budgets in one request: the processor takes one size per call, so fit each image to its own
-        # budget first; the processor's resize then keeps it as it is.
-        w, h = part.image.size
-        th, tw = self.resized(w, h, part.budget)
-        return part.image.image if (tw, th) == (w, h) else part.image.image.resize((tw, th), resample=3)
 
     def build(self, messages: tuple[ChatMessage, ...], template_kwargs: Mapping[str, Any] | None = None) -> ModelInputs:
         if not messages:
@@ -127,9 +136,9 @@ class PromptBuilder:
             raise InvalidRequestError(
                 f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs"
             )
-        images: list[Any] = []
-        conv = self.template_messages(messages, images)
+        conv = self.template_messages(messages)
         parts = [p for m in messages for p in m.images]
+        processed = self._pixels.process(parts) if self.processor is not None else []
         common: dict[str, Any] = dict(
             tokenize=True,
             add_generation_prompt=True,  # as vLLM: a trailing assistant message is history, a new turn follows
@@ -140,8 +149,7 @@ class PromptBuilder:
         )
         try:
             if self.processor is not None:
-                size = self._size_kwargs(parts, images)
-                enc = self.processor.apply_chat_template(conv, processor_kwargs=size, **common)
+                enc = self._pixels.processor_for(processed).apply_chat_template(conv, **common)
             else:
                 enc = self.tokenizer.apply_chat_template(conv, **common)
         except (TypeError, ValueError, KeyError, IndexError) as exc:
@@ -174,24 +182,10 @@ class PromptBuilder:
             tensors=tensors,
             prompt_tokens=prompt_tokens,
             image_tokens=image_tokens,
-            image_keys=tuple(f"{p.image.digest}@{p.budget.min_pixels}-{p.budget.max_pixels}" for p in parts),
+            image_keys=tuple(image_key(p) for p in parts),
             image_spans=tuple(spans),
             ends_in_think_block=tail.rstrip().endswith("<think>"),
         )
-
-    def _size_kwargs(self, parts: list[ImagePart], images: list[Any]) -> dict[str, Any]:
-        if not parts:
-            return {}
-        if len({p.budget for p in parts}) == 1:
-            b = parts[0].budget
-            return {
-                "size": {
-                    "shortest_edge": b.min_pixels or self.default_min_pixels,
-                    "longest_edge": b.max_pixels,
-                }
-            }
-        areas = [im.size[0] * im.size[1] for im in images]
-        return {"size": {"shortest_edge": min(areas), "longest_edge": max(areas)}}
 
 
 def _runs(ids: list[int], token: int | None) -> list[tuple[int, int]]:

@@ -1,8 +1,10 @@
 """Where an `image_url` may come from, and the one entry point that turns it into a decoded image.
 
 Accepted: base64 `data:image/...` URIs, http(s) URLs through the guarded `ImageFetcher`, and local files below
-an allowed directory (off by default; `file://` URLs or absolute paths). Everything else is refused. Callers'
-URLs and paths stop here: only `DecodedImage` objects go on to the processor.
+an allowed directory (off by default; `file://` URLs or absolute paths). Everything else is refused, with a
+pointed message for the relative `/files/…?sign=…` links Dify sends when its FILES_URL is empty. Callers' URLs
+and paths stop here: only `DecodedImage` objects (header checked, pixels decoded later, at most
+`decode_slots` at a time) go on to the processor.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import binascii
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -21,11 +24,19 @@ from urllib.parse import unquote, urlsplit
 from vlmbridge.errors import ImageInputError
 from vlmbridge.media.decode import MAX_DECODED_PIXELS, DecodedImage, decode_image
 from vlmbridge.media.fetch import FetchPolicy, ImageFetcher
+from vlmbridge.media.limits import decode_limit
 
 if TYPE_CHECKING:
     from vlmbridge.settings import Settings
 
-__all__ = ["IMAGE_MEDIA_TYPES", "ImageSources", "SourcePolicy", "parse_data_uri", "policy_from_settings"]
+__all__ = [
+    "IMAGE_MEDIA_TYPES",
+    "RELATIVE_FILE_URL_MESSAGE",
+    "ImageSources",
+    "SourcePolicy",
+    "parse_data_uri",
+    "policy_from_settings",
+]
 
 # Media types a data URI may declare; the decoder still sniffs the real format from the bytes.
 IMAGE_MEDIA_TYPES = frozenset(
@@ -34,6 +45,12 @@ IMAGE_MEDIA_TYPES = frozenset(
 _MAX_HEADER_CHARS = 256  # `data:image/png;name=…;base64` — anything longer is not a real client
 _MEDIA_TYPE = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,40}/[a-z0-9][a-z0-9.+-]{0,60}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,15}):")
+# What Dify sends with an empty FILES_URL: its own file route, relative, signed with a query string.
+RELATIVE_FILE_URL_MESSAGE = (
+    "image URL is a relative link (/files/…), which this server cannot resolve: Dify sends these when its FILES_URL "
+    "is empty. Set FILES_URL in Dify's .env to an address the model server can reach (docker-compose: "
+    "FILES_URL=http://api:5001) and allow that host here (--allow-image-host api)"
+)
 
 
 @dataclass(frozen=True)
@@ -41,15 +58,16 @@ class SourcePolicy:
     """What `ImageSources` accepts. `max_bytes` bounds data URIs and files; `fetch.max_bytes` bounds downloads."""
 
     max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = MAX_DECODED_PIXELS
+    max_pixels: int = MAX_DECODED_PIXELS  # decoded pixels per image (the server derives it from its budget)
+    decode_slots: int = 2  # images decoded at once, server-wide (each can take ~8 bytes per pixel briefly)
     allow_remote: bool = True
     allow_local_dirs: tuple[Path, ...] = ()
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_local_dirs", tuple(Path(d) for d in self.allow_local_dirs))
-        if self.max_bytes < 1 or self.max_pixels < 1:
-            raise ValueError("max_bytes and max_pixels must be positive")
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.decode_slots < 1:
+            raise ValueError("max_bytes, max_pixels and decode_slots must be positive")
 
 
 def policy_from_settings(settings: Settings) -> SourcePolicy:
@@ -57,6 +75,7 @@ def policy_from_settings(settings: Settings) -> SourcePolicy:
     total = settings.image_fetch_timeout
     return SourcePolicy(
         max_bytes=settings.max_image_bytes,
+        max_pixels=decode_limit(settings.max_pixels),
         allow_local_dirs=tuple(settings.allow_local_dirs),
         fetch=FetchPolicy(
             allow_hosts=tuple(settings.allow_image_hosts),
@@ -126,6 +145,7 @@ class ImageSources:
         self._fetcher = (fetcher or ImageFetcher(self.policy.fetch)) if self.policy.allow_remote else None
         # (as configured, resolved): a path is checked against both before and after resolving symlinks.
         self._dirs = tuple((d.absolute(), d.resolve()) for d in self.policy.allow_local_dirs)
+        self.decode_slots = threading.BoundedSemaphore(self.policy.decode_slots)
 
     async def __aenter__(self) -> Self:
         return self
@@ -140,9 +160,8 @@ class ImageSources:
             await self._fetcher.aclose()
 
     async def load(self, url: str, *, param: str) -> DecodedImage:
-        """Decode the image `url` names; any refusal or failure raises ImageInputError naming `param`."""
+        """Check the image `url` names (header only; pixels decode later); any refusal raises ImageInputError."""
         url = url.strip()
-        max_pixels = self.policy.max_pixels
         if not url:
             raise ImageInputError("image URL is empty", param=param, code="invalid_image_url")
         scheme_match = _SCHEME.match(url)
@@ -158,11 +177,13 @@ class ImageSources:
                     code="image_url_refused",
                 )
             data = await self._fetcher.fetch(url, param=param)
-            return await asyncio.to_thread(decode_image, data, param=param, max_pixels=max_pixels)
+            return await asyncio.to_thread(self._check, data, param)
+        if not scheme and self._is_relative_file_url(url):
+            raise ImageInputError(RELATIVE_FILE_URL_MESSAGE, param=param, code="relative_file_url")
         if scheme == "file" or (not scheme and url.startswith("/") and not url.startswith("//")):
             path = self._local_path(url, param)
             data = await asyncio.to_thread(self._read_local, path, param)
-            return await asyncio.to_thread(decode_image, data, param=param, max_pixels=max_pixels)
+            return await asyncio.to_thread(self._check, data, param)
         if scheme:
             shown = f"{scheme!r} " if len(scheme) <= 10 else ""
             raise ImageInputError(
@@ -174,6 +195,21 @@ class ImageSources:
             "image_url must be an http(s) URL or a data:image/...;base64 URI", param=param, code="invalid_image_url"
         )
 
+    def _is_relative_file_url(self, url: str) -> bool:
+        """A scheme-less link with a query string, or below /files/ (Dify's file route) unless that is an allowed
+        local directory: no file path carries `?timestamp=…&sign=…`."""
+        if url.startswith("//"):
+            return False  # protocol-relative: a host without a scheme, refused as an invalid URL
+        if "?" in url:
+            return True
+        if not url.startswith("/files/"):
+            return False
+        path = Path(url)
+        return not any(path.is_relative_to(d) for pair in self._dirs for d in pair)
+
+    def _check(self, data: bytes, param: str) -> DecodedImage:
+        return decode_image(data, param=param, max_pixels=self.policy.max_pixels, slots=self.decode_slots)
+
     def _decode_payload(self, payload: str, param: str) -> DecodedImage:
         data = _decode_base64(payload, param=param)
         if len(data) > self.policy.max_bytes:
@@ -182,7 +218,7 @@ class ImageSources:
                 param=param,
                 code="image_too_large",
             )
-        return decode_image(data, param=param, max_pixels=self.policy.max_pixels)
+        return self._check(data, param)
 
     def _local_path(self, url: str, param: str) -> Path:
         """The absolute path `url` names, checked lexically against the allowed dirs (no filesystem access)."""

@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from vlmbridge import __version__
+from vlmbridge.media.inflight import PixelGate
+from vlmbridge.media.limits import in_flight_limit
 from vlmbridge.server.auth import AuthMiddleware
 from vlmbridge.server.convert import ImageLoader
 from vlmbridge.server.errors import install_error_handlers
@@ -45,7 +47,10 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
 
             sources = ImageSources(policy_from_settings(settings))
         loader: ImageLoader = load_image or (lambda url, param: sources.load(url, param=param))  # type: ignore[union-attr]
-        app.state.vlm = AppState(settings=settings, slot=slot, metrics=metrics, load_image=loader, lifecycle=lifecycle)
+        gate = PixelGate(in_flight_limit(settings))
+        app.state.vlm = AppState(
+            settings=settings, slot=slot, metrics=metrics, load_image=loader, lifecycle=lifecycle, pixel_gate=gate
+        )
         app.state.started_at = time.time()
         metrics.bind_engine(
             queue_depth=lambda: float(e.queue_depth()) if (e := slot.peek()) else 0.0,

@@ -1,4 +1,8 @@
-"""OpenAI request → engine request: messages with decoded images, pixel budgets and sampling settings."""
+"""OpenAI request → engine request: messages with checked images, pixel budgets and sampling settings.
+
+Images arrive header-checked, not decoded: their pixels are decoded in the engine's preparation step (or never,
+when the processed pixels are cached). `hold_images` reserves what that decoding may take.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ from vlmbridge.engine.types import (
 )
 from vlmbridge.errors import ImageInputError
 from vlmbridge.media.decode import DecodedImage
+from vlmbridge.media.inflight import PixelGate, PixelReservation
+from vlmbridge.media.limits import in_flight_limit, request_limit
 from vlmbridge.server.schemas import ChatCompletionRequest
 from vlmbridge.settings import Settings
 
-__all__ = ["ImageLoader", "pixel_budget", "to_generation_request"]
+__all__ = ["ImageLoader", "hold_images", "pixel_budget", "request_pixels", "to_generation_request"]
 
 ImageLoader = Callable[[str, str], Awaitable[DecodedImage]]  # (url, param) -> decoded image
 
@@ -59,6 +65,7 @@ async def to_generation_request(
     images = {
         (mi, pi): ImagePart(img, budget) for (mi, pi, _, _, budget), img in zip(image_slots, decoded, strict=True)
     }
+    _check_request_pixels(list(images.values()), settings)
 
     messages: list[ChatMessage] = []
     for mi, message in enumerate(req.messages):
@@ -98,3 +105,32 @@ async def to_generation_request(
         deadline=time.monotonic() + settings.request_timeout,
         max_tokens_explicit=max_tokens is not None,
     )
+
+
+def _parts(messages: tuple[ChatMessage, ...]) -> list[ImagePart]:
+    return [p for m in messages for p in m.images]
+
+
+def request_pixels(request: GenerationRequest) -> int:
+    """Pixels decoding this request's images may take at once (from their headers; JPEGs decode reduced)."""
+    return sum(p.image.decoded_pixels(p.budget.max_pixels) for p in _parts(request.messages))
+
+
+def _check_request_pixels(parts: list[ImagePart], settings: Settings) -> None:
+    total = sum(p.image.decoded_pixels(p.budget.max_pixels) for p in parts)
+    limit = min(request_limit(settings.max_pixels), in_flight_limit(settings))
+    if total > limit:
+        raise ImageInputError(
+            f"the request's {len(parts)} images decode to {total} pixels together, more than the {limit} allowed "
+            "per request; send fewer or smaller images",
+            param="messages",
+            code="image_too_large",
+        )
+
+
+def hold_images(gate: PixelGate, request: GenerationRequest) -> PixelReservation:
+    """Reserve the decoded pixels of the request's images on the server-wide gate (429 QueueFullError when over
+    it). Hold it across the engine's preparation; leaving it drops the decoded pixels and gives the room back.
+    Images the backend has cached processed are never decoded: reserving them too errs on the safe side."""
+    parts = _parts(request.messages)
+    return gate.hold(sum(p.image.decoded_pixels(p.budget.max_pixels) for p in parts), [p.image for p in parts])

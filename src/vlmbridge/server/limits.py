@@ -10,11 +10,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlmbridge.errors import ShuttingDownError
+from vlmbridge.memtrim import release_memory
 from vlmbridge.server.errors import envelope, error_body
-from vlmbridge.server.memory import LARGE_REQUEST_BYTES, release_memory
 from vlmbridge.server.state import Lifecycle
 
-__all__ = ["BodySizeLimit", "DrainGate"]
+__all__ = ["LARGE_REQUEST_BYTES", "BodySizeLimit", "DrainGate"]
+
+LARGE_REQUEST_BYTES = 8 << 20  # after a body this large, memory goes back to the OS before the answer does
 
 
 class BodySizeLimit:
@@ -52,7 +54,7 @@ class BodySizeLimit:
             # After a large body, give its memory back before the last byte goes out, so that a client that sees
             # the answer also sees the memory returned.
             if seen >= LARGE_REQUEST_BYTES and message["type"] == "http.response.body" and not message.get("more_body"):
-                await asyncio.to_thread(release_memory)
+                await asyncio.to_thread(release_memory, collect=True)
             await send(message)
 
         await self.app(scope, counting_receive, releasing_send)

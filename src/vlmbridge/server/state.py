@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from vlmbridge.engine.base import Engine, RequestStream
 from vlmbridge.engine.types import GenerationChunk
 from vlmbridge.errors import EngineNotReadyError, QueueFullError, ShuttingDownError, VlmbridgeError
+from vlmbridge.media.inflight import PixelGate
 from vlmbridge.server.convert import ImageLoader
 from vlmbridge.server.metrics import Metrics
 from vlmbridge.settings import Settings
@@ -129,5 +130,6 @@ class AppState:
     metrics: Metrics
     load_image: ImageLoader
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    pixel_gate: PixelGate = field(default_factory=lambda: PixelGate(1 << 34))  # decoded pixels held at once
     # The processor's CPU work (templating, image resizing) runs in threads; bound it so it cannot starve decoding.
     prepare_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))

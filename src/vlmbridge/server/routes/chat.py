@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 from vlmbridge.engine.base import EngineInfo, RequestStream
 from vlmbridge.engine.types import GenerationChunk
 from vlmbridge.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RequestTimeoutError
-from vlmbridge.server.convert import to_generation_request
+from vlmbridge.server.convert import hold_images, to_generation_request
 from vlmbridge.server.errors import bounded_traceback, error_body
 from vlmbridge.server.jsonbody import StrictJSONRoute
 from vlmbridge.server.payloads import DONE, KEEPALIVE, Completion, sse
@@ -48,7 +48,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         life.waiting += 1
         try:
             gen_request = await to_generation_request(body, vlm.settings, vlm.load_image)
-            async with vlm.prepare_slots:
+            # Decoded pixels are reserved from the image headers before waiting for a preparation slot.
+            async with hold_images(vlm.pixel_gate, gen_request), vlm.prepare_slots:
                 prepared = await asyncio.to_thread(engine.prepare, gen_request)
             stream = engine.submit(prepared)
         finally:

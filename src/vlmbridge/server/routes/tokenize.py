@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlmbridge.errors import ModelNotFoundError
-from vlmbridge.server.convert import to_generation_request
+from vlmbridge.server.convert import hold_images, to_generation_request
 from vlmbridge.server.jsonbody import StrictJSONRoute
 from vlmbridge.server.routes.chat import check_text_length
 from vlmbridge.server.schemas import ChatCompletionRequest, Message
@@ -58,7 +58,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     life.waiting += 1
     try:
         gen_request = await to_generation_request(chat, vlm.settings, vlm.load_image)
-        async with vlm.prepare_slots:
+        async with hold_images(vlm.pixel_gate, gen_request), vlm.prepare_slots:
             stats = await asyncio.to_thread(engine.count_prompt, gen_request.messages)
     finally:
         life.waiting -= 1
