@@ -55,10 +55,12 @@ def measure(model: str, option: str) -> dict[str, Any]:
     import torch  # noqa: F401  (imported before the baseline, as the server has it)
     import transformers  # noqa: F401
 
-    from vlmbridge.engine.embedded import TransformersEngine
+    from vlmbridge.engine.transformers.engine import TransformersEngine
     from vlmbridge.engine.types import ChatMessage, GenerationRequest, ImagePart, PixelBudget, SamplingParams, TextPart
     from vlmbridge.loader import LoadOptions, load_model
     from vlmbridge.media.decode import decode_image
+    from vlmbridge.output.client import ModelClient
+    from vlmbridge.output.pipeline import TextTools
     from vlmbridge.tiny.images import noise_picture
 
     # Library code is not model memory: import what loading will import (the family's modeling and processing
@@ -84,7 +86,7 @@ def measure(model: str, option: str) -> dict[str, Any]:
         messages=(ChatMessage("user", parts),),
         sampling=SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0),
     )
-    chunks = list(engine.generate(request))
+    chunks = list(ModelClient(engine, TextTools(loaded.tokenizer)).generate(request))
     engine.shutdown()
     errors = [str(c.error) for c in chunks if c.error is not None]
     if errors:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from vlmbridge.engine.types import ChatMessage, ImagePart, PixelBudget, TextPart
 from vlmbridge.media.decode import DecodedImage, decode_image
+from vlmbridge.output.client import ChunkStream, ModelClient
+from vlmbridge.output.pipeline import TextTools
 from vlmbridge.tiny.images import demo_picture, noise_picture
 
 
@@ -38,3 +41,8 @@ def png_claiming(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
     )
+
+
+def generate(engine: Any, request: Any) -> ChunkStream:
+    """A request through the front's output pipeline, as the server runs it (the engine speaks token ids)."""
+    return ModelClient(engine, TextTools(engine.loaded.tokenizer)).generate(request)

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import ALL_FAMILIES, VLM_FAMILIES, TinyFactory
-from tests.helpers import decoded, image_question
-from vlmbridge.engine.base import RequestStream
-from vlmbridge.engine.embedded import EngineLimits, TransformersEngine
+from tests.helpers import decoded, generate, image_question
+from vlmbridge.engine.transformers.engine import EngineLimits, TransformersEngine
 from vlmbridge.engine.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
 from vlmbridge.loader import LoadOptions, load_model
+from vlmbridge.output.client import ChunkStream
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def mixed_requests(family: str) -> list[GenerationRequest]:
     ]
 
 
-def collect(stream: RequestStream) -> list[GenerationChunk]:
+def collect(stream: ChunkStream) -> list[GenerationChunk]:
     return list(stream)
 
 
@@ -63,12 +63,12 @@ def steps(chunks: list[GenerationChunk]) -> list[tuple[int, list[float]]]:
 def test_per_step_logits_equal_alone_and_batched(make_engine, family: str) -> None:  # type: ignore[no-untyped-def]
     engine: TransformersEngine = make_engine(family)
     requests = mixed_requests(family)
-    alone = [steps(collect(engine.generate(r))) for r in requests]
-    assert engine.stats.max_batch_seen == 1
+    alone = [steps(collect(generate(engine, r))) for r in requests]
+    assert engine.stats().max_batch_seen == 1
 
-    streams = [engine.generate(r) for r in requests]  # submitted together: prefilled and decoded as one batch
+    streams = [generate(engine, r) for r in requests]  # submitted together: prefilled and decoded as one batch
     together = [steps(collect(s)) for s in streams]
-    assert engine.stats.max_batch_seen == len(requests)
+    assert engine.stats().max_batch_seen == len(requests)
     for solo, batched in zip(alone, together, strict=True):
         assert_same_steps(solo, batched)
 
@@ -78,28 +78,28 @@ def test_joining_mid_decode_keeps_positions_right(make_engine, family: str) -> N
     """Continuous batching: a request that joins while others decode gets its own M-RoPE positions."""
     engine: TransformersEngine = make_engine(family, batch_wait_s=0.0)
     first, late = mixed_requests(family)[:2]
-    late_alone = steps(collect(engine.generate(late)))
+    late_alone = steps(collect(generate(engine, late)))
     long_first = request(first.messages, tokens=40)
-    s1 = engine.generate(long_first)
+    s1 = generate(engine, long_first)
     it = iter(s1)
     for _ in range(5):
         next(it)  # the first request is decoding now
-    s2 = engine.generate(late)
+    s2 = generate(engine, late)
     late_joined = steps(collect(s2))
     rest = list(it)
     assert rest[-1].finish_reason == "length"
-    assert engine.stats.max_batch_seen >= 2
+    assert engine.stats().max_batch_seen >= 2
     assert_same_steps(late_alone, late_joined)
 
 
 def test_cancel_mid_batch_leaves_the_others_correct(make_engine) -> None:  # type: ignore[no-untyped-def]
     engine: TransformersEngine = make_engine("qwen3_vl")
     requests = mixed_requests("qwen3_vl")
-    alone = [steps(collect(engine.generate(r))) for r in requests]
-    streams = [engine.generate(r) for r in requests]
+    alone = [steps(collect(generate(engine, r))) for r in requests]
+    streams = [generate(engine, r) for r in requests]
     victim = iter(streams[1])
     next(victim)
-    streams[1].cancel()
+    streams[1].close()
     assert list(victim)[-1].finish_reason == "cancelled"
     for i in (0, 2, 3):
         assert_same_steps(alone[i], steps(collect(streams[i])))
@@ -114,13 +114,13 @@ def assert_same_steps(a: list[tuple[int, list[float]]], b: list[tuple[int, list[
 def test_stop_strings_and_max_tokens_per_request_in_a_batch(make_engine) -> None:  # type: ignore[no-untyped-def]
     engine: TransformersEngine = make_engine("qwen2")
     messages = (ChatMessage("user", "Tell me a story about a cat"),)
-    free = collect(engine.generate(request(messages, tokens=16, logprobs=False, top_logprobs=0)))
+    free = collect(generate(engine, request(messages, tokens=16, logprobs=False, top_logprobs=0)))
     text = "".join(c.text for c in free)
     stop = text[3:5]
     batch = [
-        engine.generate(request(messages, tokens=16, logprobs=False, top_logprobs=0, stop=(stop,))),
-        engine.generate(request(messages, tokens=4, logprobs=False, top_logprobs=0)),
-        engine.generate(request(messages, tokens=11, logprobs=False, top_logprobs=0)),
+        generate(engine, request(messages, tokens=16, logprobs=False, top_logprobs=0, stop=(stop,))),
+        generate(engine, request(messages, tokens=4, logprobs=False, top_logprobs=0)),
+        generate(engine, request(messages, tokens=11, logprobs=False, top_logprobs=0)),
     ]
     stopped, four, eleven = (collect(s) for s in batch)
     assert stopped[-1].finish_reason == "stop" and "".join(c.text for c in stopped) == text[: text.index(stop)]
@@ -132,7 +132,7 @@ def test_stop_strings_and_max_tokens_per_request_in_a_batch(make_engine) -> None
 def test_prefill_token_budget_splits_big_bursts(make_engine) -> None:  # type: ignore[no-untyped-def]
     engine: TransformersEngine = make_engine("qwen3_vl", max_prefill_tokens=200)
     requests = mixed_requests("qwen3_vl")
-    streams = [engine.generate(r) for r in requests]
+    streams = [generate(engine, r) for r in requests]
     for s in streams:
         assert collect(s)[-1].finish_reason == "length"
-    assert engine.stats.prefill_batches >= 2  # 640×480 alone is 300+ tokens: it cannot share a prefill
+    assert engine.stats().prefill_batches >= 2  # 640×480 alone is 300+ tokens: it cannot share a prefill

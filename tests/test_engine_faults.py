@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.conftest import TinyFactory
-from vlmbridge.engine.base import RequestStream
-from vlmbridge.engine.batch import RunningBatch
-from vlmbridge.engine.embedded import EngineLimits, FaultHook, TransformersEngine
+from tests.helpers import generate
+from vlmbridge.engine.transformers.batch import RunningBatch
+from vlmbridge.engine.transformers.engine import EngineLimits, FaultHook, TransformersEngine
 from vlmbridge.engine.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
 from vlmbridge.errors import EngineFailedError, EngineNotReadyError
 from vlmbridge.loader import LoadOptions, load_model
+from vlmbridge.output.client import ChunkStream
 
 PROMPTS = {
     "a": "Hi",
@@ -83,7 +84,7 @@ def eventually(condition: Callable[[], bool], timeout: float) -> bool:
 
 def assert_serving(engine: TransformersEngine) -> None:
     assert engine.state == "ready", engine.state_reason
-    last = list(engine.generate(request("after", tokens=3)))[-1]
+    last = list(generate(engine, request("after", tokens=3)))[-1]
     assert last.finish_reason == "length" and last.error is None
 
 
@@ -94,14 +95,14 @@ def assert_classified(chunk: GenerationChunk, code: str) -> None:
     assert "secret" not in chunk.error.message and len(chunk.error.message) < 200  # never the exception's text
 
 
-@pytest.mark.parametrize(("stage", "code"), [("sample", "sampling_failed"), ("accept", "detokenize_failed")])
+@pytest.mark.parametrize(("stage", "code"), [("sample", "sampling_failed"), ("accept", "accept_failed")])
 def test_a_failing_row_fails_alone_and_its_batch_goes_on(make_engine: Make, stage: str, code: str) -> None:
     engine = make_engine()
-    alone = {rid: tokens(list(engine.generate(request(rid)))) for rid in PROMPTS}
+    alone = {rid: tokens(list(generate(engine, request(rid)))) for rid in PROMPTS}
     engine.fault_hook = raise_on(stage, "victim", 3, RuntimeError("secret tensor([1., 2.]) payload"))
-    streams = {rid: engine.generate(request(rid)) for rid in PROMPTS}
+    streams = {rid: generate(engine, request(rid)) for rid in PROMPTS}
     got = {rid: list(s) for rid, s in streams.items()}
-    assert engine.stats.max_batch_seen == 3  # they really ran as one batch
+    assert engine.stats().max_batch_seen == 3  # they really ran as one batch
     victim = got.pop("victim")
     assert_classified(victim[-1], code)
     assert tokens(victim) == alone["victim"][:2]  # two tokens went out before the third one failed
@@ -113,9 +114,9 @@ def test_a_failing_row_fails_alone_and_its_batch_goes_on(make_engine: Make, stag
 
 def test_a_failing_prefill_fails_only_its_request(make_engine: Make) -> None:
     engine = make_engine()
-    alone = {rid: tokens(list(engine.generate(request(rid)))) for rid in PROMPTS}
+    alone = {rid: tokens(list(generate(engine, request(rid)))) for rid in PROMPTS}
     engine.fault_hook = raise_on("prefill", "victim", 1, RuntimeError("secret"), always=True)  # a bad prompt
-    got = {rid: list(s) for rid, s in {rid: engine.generate(request(rid)) for rid in PROMPTS}.items()}
+    got = {rid: list(s) for rid, s in {rid: generate(engine, request(rid)) for rid in PROMPTS}.items()}
     assert_classified(got.pop("victim")[-1], "prefill_failed")
     for rid, chunks in got.items():  # the batched prefill failed; the others were retried one by one
         assert tokens(chunks) == alone[rid]
@@ -124,17 +125,17 @@ def test_a_failing_prefill_fails_only_its_request(make_engine: Make) -> None:
 
 def test_a_failed_decode_forward_fails_its_rows_and_leaves_a_clean_batch(make_engine: Make) -> None:
     engine = make_engine(batch_wait_s=0.0)
-    alone = {rid: tokens(list(engine.generate(request(rid)))) for rid in PROMPTS}
-    long = engine.generate(request("long", tokens=200))
+    alone = {rid: tokens(list(generate(engine, request(rid)))) for rid in PROMPTS}
+    long = generate(engine, request("long", tokens=200))
     it = iter(long)
     for _ in range(3):
         next(it)  # decoding now; the victim joins the running batch
     engine.fault_hook = raise_on("decode", "victim", 2, RuntimeError("secret"))
-    victim = list(engine.generate(request("victim")))
+    victim = list(generate(engine, request("victim")))
     assert_classified(victim[-1], "decode_failed")
     assert_classified(list(it)[-1], "decode_failed")  # a forward pass fails every row it ran
     engine.fault_hook = None
-    streams = {rid: engine.generate(request(rid)) for rid in PROMPTS}
+    streams = {rid: generate(engine, request(rid)) for rid in PROMPTS}
     for rid, stream in streams.items():  # a fresh batch after the failure: same tokens as alone
         assert tokens(list(stream)) == alone[rid]
     assert_serving(engine)
@@ -143,11 +144,11 @@ def test_a_failed_decode_forward_fails_its_rows_and_leaves_a_clean_batch(make_en
 def test_a_failure_filing_the_kv_leaves_the_request_done(make_engine: Make) -> None:
     engine = make_engine(prefix_cache_bytes=64 << 20)
     engine.fault_hook = raise_on("remember", "victim", 1, RuntimeError("secret"))
-    chunks = list(engine.generate(request("victim")))
+    chunks = list(generate(engine, request("victim")))
     assert chunks[-1].finish_reason == "length" and chunks[-1].error is None
     assert engine.prefix_cache is not None and engine.prefix_cache.stats.entries == 0
     engine.fault_hook = None
-    list(engine.generate(request("victim")))
+    list(generate(engine, request("victim")))
     assert engine.prefix_cache.stats.entries == 1
     assert_serving(engine)
 
@@ -166,7 +167,7 @@ def test_an_unexpected_loop_failure_fails_the_requests_in_flight_and_the_loop_go
         original(self)
 
     monkeypatch.setattr(RunningBatch, "drop_finished", flaky)
-    streams = [engine.generate(request(rid)) for rid in PROMPTS]
+    streams = [generate(engine, request(rid)) for rid in PROMPTS]
     for stream in streams:
         assert_classified(list(stream)[-1], "engine_error")
     assert failed.is_set()
@@ -180,8 +181,8 @@ class _WorkerKiller(BaseException):
 def test_a_dead_worker_turns_the_engine_failed_and_answers_everyone(make_engine: Make) -> None:
     engine = make_engine(max_batch_size=1)
     engine.fault_hook = raise_on("sample", "victim", 3, _WorkerKiller())
-    running = engine.generate(request("victim", tokens=50))
-    waiting = [engine.generate(request(rid, tokens=50)) for rid in ("a", "c")]  # one row: these must wait
+    running = generate(engine, request("victim", tokens=50))
+    waiting = [generate(engine, request(rid, tokens=50)) for rid in ("a", "c")]  # one row: these must wait
     assert_classified(list(running)[-1], "engine_died")
     for stream in waiting:
         last = list(stream)[-1]  # ends instead of hanging
@@ -189,7 +190,7 @@ def test_a_dead_worker_turns_the_engine_failed_and_answers_everyone(make_engine:
     assert engine.state == "failed"
     assert "engine worker stopped" in engine.state_reason
     with pytest.raises(EngineNotReadyError):
-        engine.generate(request("a"))
+        generate(engine, request("a"))
 
 
 def test_a_stuck_worker_reports_failed_until_it_moves_again(make_engine: Make) -> None:
@@ -202,14 +203,14 @@ def test_a_stuck_worker_reports_failed_until_it_moves_again(make_engine: Make) -
             release.wait(30)
 
     engine.fault_hook = hang
-    stream: RequestStream = engine.generate(request("a"))
+    stream: ChunkStream = generate(engine, request("a"))
     try:
         assert stuck.wait(30)
         assert eventually(lambda: engine.state == "failed", timeout=10)
         assert engine.state_reason.startswith("engine worker stuck for")
         assert time.monotonic() - engine.last_heartbeat > 0.3
         with pytest.raises(EngineNotReadyError, match="stuck"):
-            engine.generate(request("c"))
+            generate(engine, request("c"))
     finally:
         release.set()
     assert list(stream)[-1].finish_reason == "length"

@@ -63,6 +63,8 @@ ERRORS_MD: list[tuple[str, str | None]] = [
 
 # Messages of the entries added beyond errors.md, as transformers 5.24 and friends print them.
 ADDED: list[tuple[str, str | None]] = [
+    ("RuntimeError: You set `ignore_mismatched_sizes` to `False`, thus raising an error. For details look at the "
+     "above part of this error message.", "VB118"),
     ("openai.BadRequestError: Error code: 400 - image URL is a relative link (/files/…), which this server cannot "
      "resolve: Dify sends these when its FILES_URL is empty.", None),
     ("ValueError: Unrecognized model in /models/x. Should have a `model_type` key in its config.json.", "VB200"),

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import TinyFactory
 from tests.server_utils import MODEL, Server, data_url, image_message, running
-from vlmbridge.engine.embedded import TransformersEngine
+from vlmbridge.engine.transformers.engine import TransformersEngine
 
 IMAGE_TOKENS = 80
 

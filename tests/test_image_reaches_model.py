@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import VLM_FAMILIES, TinyFactory
 from tests.helpers import decoded, image_question
-from vlmbridge.engine.prompt import PromptBuilder
+from vlmbridge.engine.transformers.prompt import PromptBuilder
 from vlmbridge.engine.types import PixelBudget
 from vlmbridge.loader import LoadOptions, load_model
 

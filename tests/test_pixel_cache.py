@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import VLM_FAMILIES, TinyFactory
-from tests.helpers import decoded, png_bytes
-from vlmbridge.engine.prompt import ModelInputs, PromptBuilder
+from tests.helpers import decoded, generate, png_bytes
+from vlmbridge.engine.transformers.prompt import ModelInputs, PromptBuilder
 from vlmbridge.engine.types import ChatMessage, ImagePart, PixelBudget, TextPart
 from vlmbridge.loader import LoadedModel, LoadOptions, load_model
 from vlmbridge.media.decode import DecodedImage, decode_image
@@ -199,7 +199,7 @@ def test_a_picture_the_processor_refuses_is_a_400_naming_the_image(models: Calla
 def test_follow_up_turns_hit_the_pixel_cache_in_the_engine(
     tiny_model: TinyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vlmbridge.engine.embedded import EngineLimits, TransformersEngine
+    from vlmbridge.engine.transformers.engine import EngineLimits, TransformersEngine
     from vlmbridge.engine.types import GenerationRequest, SamplingParams
 
     loaded = load_model(tiny_model("qwen3_vl"), LoadOptions(device="cpu", dtype="fp32"))
@@ -218,7 +218,7 @@ def test_follow_up_turns_hit_the_pixel_cache_in_the_engine(
                 messages[0] = ChatMessage("user", (ImagePart(picture, LARGE), *first.content[1:]))  # type: ignore[misc]
                 messages.append(ChatMessage("user", f"Detail {turn}?"))
             sampling = SamplingParams(max_new_tokens=3, temperature=0.0)
-            chunks = list(engine.generate(GenerationRequest(messages=tuple(messages), sampling=sampling)))
+            chunks = list(generate(engine, GenerationRequest(messages=tuple(messages), sampling=sampling)))
             assert chunks[-1].error is None
             messages.append(ChatMessage("assistant", "".join(c.text for c in chunks)))
             assert (cache.stats.misses, cache.stats.hits) == (1, turn)

@@ -84,7 +84,7 @@ def test_settings_and_environment_carry_the_quantization(monkeypatch: pytest.Mon
     assert Settings().quantization == "auto"
     monkeypatch.setenv("VLMBRIDGE_QUANTIZATION", "bnb-4bit")
     monkeypatch.setenv("VLMBRIDGE_ALLOW_DEQUANTIZE", "1")
-    options = Settings(context_length=4096).load_options()
+    options = LoadOptions.from_settings(Settings(context_length=4096))
     assert (options.quantization, options.allow_dequantize, options.context_length) == ("bnb-4bit", True, 4096)
     monkeypatch.setenv("VLMBRIDGE_QUANTIZATION", "int3")
     with pytest.raises(ValueError, match="quantization"):

@@ -12,7 +12,8 @@ import torch
 
 from tests.conftest import TinyFactory
 from tests.helpers import decoded, image_question
-from vlmbridge.engine.embedded import TransformersEngine
+from tests.helpers import generate as through_front
+from vlmbridge.engine.transformers.engine import TransformersEngine
 from vlmbridge.engine.types import GenerationRequest, SamplingParams
 from vlmbridge.errors import QuantizationError
 from vlmbridge.loader import LoadedModel, LoadOptions, load_model
@@ -43,7 +44,7 @@ def generate(loaded: LoadedModel, tokens: int = 6) -> tuple[list[int], int]:
             messages=image_question(decoded(320, 240, seed=3)),
             sampling=SamplingParams(max_new_tokens=tokens, temperature=0.0),
         )
-        chunks = list(engine.generate(request))
+        chunks = list(through_front(engine, request))
     finally:
         engine.shutdown()
     errors = [c.error for c in chunks if c.error is not None]

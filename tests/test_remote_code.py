@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import TinyFactory
 from tests.custom_model import build_custom_model
-from vlmbridge.engine.embedded import TransformersEngine
+from tests.helpers import generate
+from vlmbridge.engine.transformers.engine import TransformersEngine
 from vlmbridge.engine.types import ChatMessage, GenerationRequest, SamplingParams
 from vlmbridge.errors import RemoteCodeRefusedError
 from vlmbridge.loader import LoadOptions, load_model
@@ -77,10 +78,11 @@ def test_with_the_right_pin_it_loads_and_generates(custom: Path) -> None:
     engine.start()
     try:
         chunks = list(
-            engine.generate(
+            generate(
+                engine,
                 GenerationRequest(
                     messages=(ChatMessage("user", "hello"),), sampling=SamplingParams(max_new_tokens=6, temperature=0)
-                )
+                ),
             )
         )
     finally:

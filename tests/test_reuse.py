@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import VLM_FAMILIES, TinyFactory
-from tests.helpers import decoded
-from vlmbridge.engine.embedded import EngineLimits, TransformersEngine
+from tests.helpers import decoded, generate
+from vlmbridge.engine.transformers.engine import EngineLimits, TransformersEngine
 from vlmbridge.engine.types import (
     ChatMessage,
     GenerationChunk,
@@ -42,11 +41,8 @@ def engines(tiny_model: TinyFactory) -> Iterator:  # type: ignore[type-arg]
 
 def ask(engine: TransformersEngine, messages: tuple[ChatMessage, ...], tokens: int = 6) -> list[GenerationChunk]:
     sampling = SamplingParams(max_new_tokens=tokens, temperature=0.0, logprobs=True, top_logprobs=10, ignore_eos=True)
-    chunks = list(engine.generate(GenerationRequest(messages=messages, sampling=sampling)))
-    deadline = time.monotonic() + 10
-    while engine.active_count() and time.monotonic() < deadline:  # the worker files the KV after the last chunk
-        time.sleep(0.001)
-    return chunks
+    # The last chunk comes after the worker filed the request's KV: the next turn can rely on it at once.
+    return list(generate(engine, GenerationRequest(messages=messages, sampling=sampling)))
 
 
 def steps(chunks: list[GenerationChunk]) -> list[tuple[int, list[float]]]:

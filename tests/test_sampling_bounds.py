@@ -11,9 +11,15 @@ import pytest
 import torch
 
 from tests.conftest import TinyFactory
-from tests.helpers import decoded, image_question
-from vlmbridge.engine.embedded import EngineLimits, TransformersEngine
-from vlmbridge.engine.sampling import LOGPROB_FLOOR, MIN_TEMPERATURE, ResolvedSampling, Sampler, resolve_sampling
+from tests.helpers import decoded, generate, image_question
+from vlmbridge.engine.transformers.engine import EngineLimits, TransformersEngine
+from vlmbridge.engine.transformers.sampling import (
+    LOGPROB_FLOOR,
+    MIN_TEMPERATURE,
+    ResolvedSampling,
+    Sampler,
+    resolve_sampling,
+)
 from vlmbridge.engine.types import ChatMessage, GenerationRequest, SamplingParams
 from vlmbridge.errors import EngineFailedError
 from vlmbridge.loader import LoadOptions, load_model
@@ -36,7 +42,7 @@ def sampler(prompt: list[int] | None = None, **overrides: Any) -> Sampler:
         **overrides,
     }
     ids = torch.tensor([prompt or [0, 1, 2, 3, 4, 5]])
-    return Sampler(ResolvedSampling(**cfg), ids, 8, "cpu", lambda i: (str(i), (i,)))
+    return Sampler(ResolvedSampling(**cfg), ids, 8, "cpu")
 
 
 def assert_reportable(values: list[float]) -> None:
@@ -142,16 +148,16 @@ def messages(engine: TransformersEngine) -> tuple[ChatMessage, ...]:
     return image_question(decoded(96, 120, seed=4))
 
 
-def generate(engine: TransformersEngine, **sampling: Any) -> list[Any]:
+def sample(engine: TransformersEngine, **sampling: Any) -> list[Any]:
     params = {"max_new_tokens": 12, "ignore_eos": True, "logprobs": True, "top_logprobs": 5, "seed": 1, **sampling}
     request = GenerationRequest(messages=messages(engine), sampling=SamplingParams(**params))
-    return list(engine.generate(request))
+    return list(generate(engine, request))
 
 
 def test_extreme_sampling_settings_all_finish_and_the_engine_stays_ready(engine: TransformersEngine) -> None:
     params = {"max_new_tokens": 12, "ignore_eos": True, "logprobs": True, "top_logprobs": 5, "seed": 1}
     streams = [
-        engine.generate(GenerationRequest(messages=messages(engine), sampling=SamplingParams(**{**params, **x})))
+        generate(engine, GenerationRequest(messages=messages(engine), sampling=SamplingParams(**{**params, **x})))
         for x in EXTREMES
     ]  # submitted together: they share batches as well
     for settings, stream in zip(EXTREMES, streams, strict=True):
@@ -165,8 +171,8 @@ def test_extreme_sampling_settings_all_finish_and_the_engine_stays_ready(engine:
 
 
 def test_near_zero_temperature_tiny_top_p_and_top_k_1_are_greedy(engine: TransformersEngine) -> None:
-    greedy = generate(engine, temperature=0.0, repetition_penalty=1.0)
+    greedy = sample(engine, temperature=0.0, repetition_penalty=1.0)
     ids = [t for c in greedy for t in c.token_ids]
     for settings in ({"temperature": 1e-6}, {"temperature": 2.0, "top_p": 1e-9}, {"temperature": 2.0, "top_k": 1}):
-        chunks = generate(engine, **{"repetition_penalty": 1.0, "top_k": 0, "top_p": 1.0, **settings})
+        chunks = sample(engine, **{"repetition_penalty": 1.0, "top_k": 0, "top_p": 1.0, **settings})
         assert [t for c in chunks for t in c.token_ids] == ids, settings

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import ALL_FAMILIES, VLM_FAMILIES, TinyFactory
 from tests.helpers import decoded, image_question
 from tests.server_utils import MODEL, Server, data_url, image_message, running
-from vlmbridge.engine.prompt import PromptBuilder
+from vlmbridge.engine.transformers.prompt import PromptBuilder
 from vlmbridge.engine.types import PixelBudget
 from vlmbridge.loader import LoadOptions, load_model
 

@@ -15,7 +15,7 @@ from vlmbridge.cli import chat as chat_cli
 from vlmbridge.cli import serve as serve_cli
 from vlmbridge.cli.app import app
 from vlmbridge.cli.options import flag_of, setting_flags
-from vlmbridge.engine.embedded import EngineLimits
+from vlmbridge.engine.transformers.engine import EngineLimits
 from vlmbridge.settings import ModelSettings, ServerSettings, Settings
 
 PIN = "a" * 64

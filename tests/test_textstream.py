@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import TinyFactory
-from vlmbridge.engine.textstream import IncrementalDecoder, ReasoningSplitter, StopMatcher
+from vlmbridge.output.textstream import IncrementalDecoder, ReasoningSplitter, StopMatcher
 
 
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> str:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import ALL_FAMILIES, TinyFactory
-from vlmbridge.engine.embedded import TransformersEngine
+from tests.helpers import generate
+from vlmbridge.engine.transformers.engine import TransformersEngine
 from vlmbridge.engine.types import ChatMessage, GenerationRequest, SamplingParams
 from vlmbridge.errors import ModelLoadError, UnsafeWeightsError, UnsupportedModelError
 from vlmbridge.loader import LoadOptions, load_model, resolve_dtype
@@ -76,11 +77,12 @@ def test_every_family_layout_and_sharding_loads_and_generates(
     engine.start(warm_up=False)
     try:
         chunks = list(
-            engine.generate(
+            generate(
+                engine,
                 GenerationRequest(
                     messages=(ChatMessage("user", "Hello"),),
                     sampling=SamplingParams(max_new_tokens=5, temperature=0),
-                )
+                ),
             )
         )
     finally:

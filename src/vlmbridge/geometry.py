@@ -18,6 +18,7 @@ __all__ = [
     "image_tokens",
     "kv_bytes_per_token",
     "smart_resize",
+    "tokens_for_image",
 ]
 
 _DEFAULT_PIXELS = {16: (65536, 16777216), 14: (3136, 12845056)}  # Qwen3-VL / Qwen2(.5)-VL processor defaults
@@ -166,11 +167,22 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def tokens_for_image(
+    width: int, height: int, *, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int
+) -> int:
+    """The one image-token rule (engine, doctor and plan all use it): `<|image_pad|>` tokens for a width×height
+    image resized into [min_pixels, max_pixels], the 2 boundary tokens not included."""
+    h, w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    return (h // patch_size) * (w // patch_size) // (merge_size**2)
+
+
 def image_tokens(width: int, height: int, vision: VisionGeometry, max_pixels: int | None = None) -> int:
-    """`<|image_pad|>` tokens for one image (the 2 boundary tokens not included) under the pixel budget."""
+    """`<|image_pad|>` tokens for one image under the pixel budget, from the model's vision geometry."""
     cap = min(vision.max_pixels, max_pixels) if max_pixels else vision.max_pixels
-    h, w = smart_resize(height, width, vision.factor, min(vision.min_pixels, cap), cap)
-    return (h // vision.patch_size) * (w // vision.patch_size) // (vision.merge_size**2)
+    return tokens_for_image(
+        width, height, patch_size=vision.patch_size, merge_size=vision.merge_size,
+        min_pixels=min(vision.min_pixels, cap), max_pixels=cap,
+    )  # fmt: skip
 
 
 def kv_bytes_per_token(geo: ModelGeometry, dtype_bytes: int = 2) -> int:

@@ -28,6 +28,8 @@ from vlmbridge.remote_code import check_remote_code
 if TYPE_CHECKING:
     import torch
 
+    from vlmbridge.settings import ModelSettings
+
 __all__ = ["LoadOptions", "LoadedModel", "ModelKind", "load_model", "resolve_auto_class"]
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,20 @@ class LoadOptions:
     allow_dequantize: bool = False  # load a pre-quantized checkpoint dequantized where the device lacks kernels
     context_length: int | None = None  # what `auto` plans for: one request of this context …
     max_pixels: int | None = None  # … with one image under this pixel budget
+
+    @classmethod
+    def from_settings(cls, model: ModelSettings) -> LoadOptions:
+        return cls(
+            dtype=model.dtype,
+            device=model.device,
+            attn_implementation=model.attn_implementation,
+            allow_pickle_weights=model.allow_pickle_weights,
+            trust_remote_code=model.trust_remote_code,
+            quantization=model.quantization,
+            allow_dequantize=model.allow_dequantize,
+            context_length=model.context_length,
+            max_pixels=model.max_pixels,
+        )
 
 
 @dataclass

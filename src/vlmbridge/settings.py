@@ -16,15 +16,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from vlmbridge.quant.formats import QuantizationName
-
-if TYPE_CHECKING:
-    from vlmbridge.loader import LoadOptions
 
 __all__ = ["DTypeName", "ModelSettings", "QuantizationName", "ServerSettings", "Settings", "parse_remote_code_pin"]
 
@@ -179,21 +176,6 @@ class ModelSettings(BaseModel):
     def served_name(self, path: Path) -> str:
         """The name clients use for the model in `path`."""
         return self.served_model_name or path.resolve().name
-
-    def load_options(self) -> LoadOptions:
-        from vlmbridge.loader import LoadOptions
-
-        return LoadOptions(
-            dtype=self.dtype,
-            device=self.device,
-            attn_implementation=self.attn_implementation,
-            allow_pickle_weights=self.allow_pickle_weights,
-            trust_remote_code=self.trust_remote_code,
-            quantization=self.quantization,
-            allow_dequantize=self.allow_dequantize,
-            context_length=self.context_length,
-            max_pixels=self.max_pixels,
-        )
 
 
 class ServerSettings(BaseModel):

@@ -14,7 +14,7 @@ __all__ = ["in_process"]
 
 def in_process(
     model: Path, work: Workload, batch: int, rounds: int, count: Callable[[str], int], dtype: str = "auto",
-    on_done: Callable[[], None] = lambda: None, keep_text: bool = False,
+    on_done: Callable[[], None] = lambda: None, keep_text: bool = False, device: str = "cpu",
 ) -> RunResult:  # fmt: skip
     """`rounds` calls of generate() on `batch` identical prompts (left-padded); tokens re-counted from text."""
     import torch
@@ -22,7 +22,7 @@ def in_process(
     from vlmbridge.loader import LoadOptions, load_model
     from vlmbridge.media.decode import decode_image
 
-    loaded = load_model(model, LoadOptions(device="cpu", dtype=dtype))
+    loaded = load_model(model, LoadOptions(device=device, dtype=dtype))
     image = decode_image(work.png()).image
     conversation = [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": work.prompt}]}

@@ -25,6 +25,7 @@ class ThroughputPlan:
     work: Workload = field(default_factory=Workload)
     systems: tuple[str, ...] = ("vlmbridge", "transformers serve", "in-process generate")
     dtype: str = "auto"
+    device: str = "cpu"  # every system runs here: a comparison across devices would measure the devices
 
 
 class TokenCounter:
@@ -50,7 +51,9 @@ class TokenCounter:
 
 
 def run_throughput(plan: ThroughputPlan, console: Console) -> list[Row]:
-    reference = in_process(plan.model, plan.work, 1, 1, lambda _t: 0, plan.dtype, keep_text=True).texts[0]
+    reference = in_process(
+        plan.model, plan.work, 1, 1, lambda _t: 0, plan.dtype, keep_text=True, device=plan.device
+    ).texts[0]
     count = TokenCounter(plan.model, reference, plan.work.new_tokens)
     rows: list[Row] = []
     total = sum(plan.requests_per_client * c for c in plan.clients) * len(plan.systems)
@@ -70,12 +73,12 @@ def run_throughput(plan: ThroughputPlan, console: Console) -> list[Row]:
 
         if "vlmbridge" in plan.systems:
             progress.update(task, description="starting vlmbridge serve")
-            with vlmbridge_serve(plan.model, "bench", "--dtype", plan.dtype) as base:
+            with vlmbridge_serve(plan.model, "bench", "--dtype", plan.dtype, "--device", plan.device) as base:
                 load(base, plan.work.vlmbridge_body("bench"), "vlmbridge")
         if "transformers serve" in plan.systems:
             progress.update(task, description="starting transformers serve")
             try:
-                with transformers_serve(plan.model, "--device", "cpu", "--dtype", plan.dtype) as base:
+                with transformers_serve(plan.model, "--device", plan.device, "--dtype", plan.dtype) as base:
                     load(base, plan.work.transformers_serve_body(str(plan.model)), "transformers serve")
             except RuntimeError as exc:
                 console.print(f"transformers serve skipped: {exc}", style="yellow")
@@ -87,7 +90,14 @@ def run_throughput(plan: ThroughputPlan, console: Console) -> list[Row]:
                     progress.advance(task, n)
 
                 result: RunResult = in_process(
-                    plan.model, plan.work, clients, plan.requests_per_client, count, plan.dtype, on_done=advance
+                    plan.model,
+                    plan.work,
+                    clients,
+                    plan.requests_per_client,
+                    count,
+                    plan.dtype,
+                    on_done=advance,
+                    device=plan.device,
                 )
                 rows.append(Row("in-process generate", clients, result))
     order = {s: i for i, s in enumerate(("vlmbridge", "transformers serve", "in-process generate"))}

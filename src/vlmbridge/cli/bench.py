@@ -38,7 +38,14 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-@setting_flags("dtype", "cache_dir")
+def _device(name: str) -> str:
+    """One concrete device for every system (auto: a GPU when there is one)."""
+    from vlmbridge.loader import resolve_device
+
+    return str(resolve_device(name))
+
+
+@setting_flags("dtype", "device", "cache_dir")
 def bench(
     model_dir: Annotated[
         Path | None, typer.Argument(metavar="[MODEL_DIR]", help="Model folder; default: the built-in small Qwen3-VL.")
@@ -79,7 +86,7 @@ def bench(
     if scenario in ("throughput", "all"):
         run_throughput(
             ThroughputPlan(model=model, clients=client_counts, requests_per_client=requests_per_client, work=work,
-                           systems=systems, dtype=dtype),
+                           systems=systems, dtype=dtype, device=_device(settings.device)),
             out_console,
         )  # fmt: skip
     if scenario in ("multiturn", "all"):

@@ -57,15 +57,19 @@ def run_chat(
         SamplingParams,
         TextPart,
     )
+    from vlmbridge.output.client import ModelClient, load_text_tools
 
     decoded = [_read_image(p, i) for i, p in enumerate(images)]  # fail on a bad image before loading
     model = settings.model_settings()
+    tools = load_text_tools(model_dir, model.trust_remote_code)
     engine = build_engine(model, model_dir, model.served_name(model_dir), progress=stage_printer())
     engine.start(warm_up=False)
+    client = ModelClient(engine, tools)
     budget = PixelBudget(max_pixels=settings.max_pixels, min_pixels=settings.min_pixels)
     parts: tuple[ImagePart | TextPart, ...] = (*(ImagePart(d, budget) for d in decoded), TextPart(prompt))
     messages = (*((ChatMessage("system", system),) if system else ()), ChatMessage("user", parts))
     request = GenerationRequest(
+        request_id="chat",
         messages=messages,
         sampling=SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed),
         max_tokens_explicit=max_tokens is not None,
@@ -73,7 +77,7 @@ def run_chat(
     started = time.perf_counter()
     first: float | None = None
     try:
-        for chunk in engine.submit(engine.prepare(request)):
+        for chunk in client.generate(request):
             if chunk.error is not None:
                 raise chunk.error
             if first is None:

@@ -1,26 +1,33 @@
-"""The engine interface every backend implements (embedded transformers now; vLLM and a multi-model pool later).
+"""The engine contract every backend implements (the transformers backend now; vLLM next).
 
-An engine takes `GenerationRequest`s from any thread or event loop and answers each with a `RequestStream` of
-`GenerationChunk`s. It knows nothing about HTTP.
+A backend takes a `GenerationRequest` (messages with decoded images, sampling settings, limits) and answers it
+with a `RequestStream` of token-level `EngineOutput`s; the front turns those into text (`vlmbridge.output`).
+It does its own templating and image processing, knows nothing about HTTP, and nothing here imports torch or
+any backend.
+
+    engine = build_engine(settings, path, name)     # vlmbridge.engine.factory
+    engine.start()                                   # load is done; warm up, then state == "ready"
+    stream = engine.generate(request)                # any thread or event loop
+    engine.abort(request.request_id)                 # stop it at the next step boundary
+    engine.stats()                                   # a typed snapshot for /metrics
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
-from vlmbridge.engine.types import ChatMessage, GenerationChunk, GenerationRequest
-
-if TYPE_CHECKING:
-    from vlmbridge.engine.embedded import PreparedRequest
+from vlmbridge.engine.types import ChatMessage, EngineOutput, EngineStats, GenerationRequest
 
 __all__ = ["Engine", "EngineInfo", "EngineState", "PromptStats", "RequestStream"]
 
 EngineState = Literal["loading", "warming_up", "ready", "failed", "stopped"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,6 @@ class EngineInfo:
     device: str
     quantization: str = "none"
     quantization_reason: str = ""
-    # Most characters one ordinary token can stand for: a prompt with more than context × this many characters
-    # cannot fit, so the front refuses it before tokenizing anything. 0 = unknown (no early check).
-    max_token_chars: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,80 +50,81 @@ class PromptStats:
     image_tokens: int
 
 
-class RequestStream:
-    """Chunks of one request, pushed by the engine's worker, read by a thread or an event loop.
+class RequestStream(Generic[T]):
+    """The outputs of one request: pushed by a producer on any thread, read by a thread or by an event loop.
 
-    Created on the consumer's side: inside a running event loop it delivers through an asyncio queue (woken with
-    call_soon_threadsafe), otherwise through a thread-safe queue.
+    Items go into one thread-safe queue; an async reader also gets a wake-up on its loop. Either kind of reader
+    works whichever thread created the stream, so no reader can wait on a queue that is never filled.
     """
 
     _END = object()
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self._cancelled = threading.Event()
+        self._items: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None
+        self._ended = False
+
+    # --- producer side -----------------------------------------------------------------------------------
+    def push(self, item: T, *, last: bool = False) -> None:
+        self._items.put(item)
+        if last:
+            self._items.put(self._END)
+        with self._lock:
+            loop, ready = self._loop, self._ready
+        if loop is not None and ready is not None:
+            with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody is listening
+                loop.call_soon_threadsafe(ready.set)
+
+    # --- consumer side -----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[T]:
+        """Blocking iteration, for threads; refused inside an event loop (it would stall the loop)."""
         try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
-            self._loop = None
-        self._async_q: asyncio.Queue[object] | None = asyncio.Queue() if self._loop else None
-        self._sync_q: queue.SimpleQueue[object] = queue.SimpleQueue()
-
-    # --- producer side (engine worker) ---------------------------------------------------------------
-    def push(self, chunk: GenerationChunk) -> None:
-        self._deliver(chunk)
-        if chunk.finish_reason is not None:
-            self._deliver(self._END)
-
-    def _deliver(self, item: object) -> None:
-        if self._loop is not None and self._async_q is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async_q.put_nowait, item)
-            except RuntimeError:  # loop closed: the consumer is gone
-                self._cancelled.set()
+            pass
         else:
-            self._sync_q.put(item)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    # --- consumer side ---------------------------------------------------------------------------------
-    def cancel(self) -> None:
-        """Ask the engine to stop this request at its next step (e.g. the client disconnected)."""
-        self._cancelled.set()
-
-    def __iter__(self) -> Iterator[GenerationChunk]:
-        while True:
-            item = self._sync_q.get()
+            raise RuntimeError("iterate a RequestStream with `async for` (or `await next()`) inside an event loop")
+        while not self._ended:
+            item = self._items.get()
             if item is self._END:
+                self._ended = True
                 return
-            assert isinstance(item, GenerationChunk)
+            yield item  # type: ignore[misc]
+
+    async def next(self, timeout: float | None = None) -> T | None:
+        """The next item, or None after the last one. Raises TimeoutError if none arrives within `timeout`;
+        waiting can be abandoned (timeout, cancellation) without losing an item."""
+        if self._ready is None:
+            with self._lock:
+                self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
+        ready = self._ready
+        assert ready is not None
+        while True:
+            if self._ended:
+                return None
+            try:
+                item = self._items.get_nowait()
+            except queue.Empty:
+                ready.clear()
+                if not self._items.empty():  # pushed between the check and the clear
+                    continue
+                await asyncio.wait_for(ready.wait(), timeout)
+                continue
+            if item is self._END:
+                self._ended = True
+                return None
+            return item  # type: ignore[return-value]
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        while (item := await self.next()) is not None:
             yield item
-
-    async def next(self, timeout: float | None = None) -> GenerationChunk | None:
-        """The next chunk, or None after the last one. Raises TimeoutError if none arrives within `timeout`.
-
-        Waiting can be abandoned (timeout, cancellation) without losing a chunk.
-        """
-        assert self._async_q is not None, "async reading needs a stream created inside the event loop"
-        try:
-            item = self._async_q.get_nowait()  # the common case while decoding: no task, no timer
-        except asyncio.QueueEmpty:
-            item = await asyncio.wait_for(self._async_q.get(), timeout)
-        if item is self._END:
-            self._async_q.put_nowait(item)  # stay at the end for further calls
-            return None
-        assert isinstance(item, GenerationChunk)
-        return item
-
-    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
-        while (chunk := await self.next()) is not None:
-            yield chunk
 
 
 class Engine(Protocol):
-    """What the server and the CLI need from a backend."""
+    """What the front needs from a backend."""
 
     @property
     def info(self) -> EngineInfo: ...
@@ -131,17 +136,20 @@ class Engine(Protocol):
     def state_reason(self) -> str: ...
 
     def start(self, *, warm_up: bool = True) -> None:
-        """Start the worker and (by default) run one real generation before accepting requests. Blocking."""
+        """Start working and (by default) run one real generation before accepting requests. Blocking."""
 
-    def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        """Template, tokenize and process images; check limits. CPU work, thread-safe. Raises 4xx errors."""
+    def generate(self, request: GenerationRequest) -> RequestStream[EngineOutput]:
+        """Template, tokenize and process the request, then queue it. Blocking CPU work: call it off the event
+        loop. Raises 4xx errors (context, images), QueueFullError and EngineNotReadyError."""
 
-    def submit(self, prepared: PreparedRequest) -> RequestStream:
-        """Queue a prepared request. Raises QueueFullError / EngineNotReadyError."""
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step boundary; its stream ends with finish_reason "abort". Idempotent."""
 
     def count_prompt(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
         """Tokens the prompt would take (images included), without generating."""
 
     def queue_depth(self) -> int: ...
+
+    def stats(self) -> EngineStats: ...
 
     def shutdown(self) -> None: ...

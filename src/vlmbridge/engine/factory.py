@@ -20,9 +20,9 @@ def build_engine(
 ) -> Engine:
     """Load the folder at `path` as `model` says and wrap it in an engine that serves it as `name`. Not started:
     call `start()`. `progress` hears each loading stage."""
-    from vlmbridge.engine.embedded import EngineLimits, TransformersEngine
-    from vlmbridge.loader import load_model
+    from vlmbridge.engine.transformers.engine import EngineLimits, TransformersEngine
+    from vlmbridge.loader import LoadOptions, load_model
 
-    loaded = load_model(path, model.load_options(), progress=progress)
+    loaded = load_model(path, LoadOptions.from_settings(model), progress=progress)
     limits = EngineLimits.from_settings(model, on_cpu=loaded.device.type == "cpu")
     return TransformersEngine(loaded, name, limits)

@@ -9,14 +9,20 @@ from typing import Any, Literal
 from vlmbridge.media.decode import DecodedImage
 
 __all__ = [
+    "CacheCounters",
     "ChatMessage",
+    "EngineFinish",
+    "EngineOutput",
+    "EngineStats",
     "FinishReason",
     "GenerationChunk",
     "GenerationRequest",
     "ImagePart",
     "PixelBudget",
+    "PromptInfo",
     "SamplingParams",
     "TextPart",
+    "TokenChoice",
     "TokenLogprob",
     "Usage",
 ]
@@ -122,3 +128,62 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: Exception | None = None
+
+
+# --- what a backend answers ------------------------------------------------------------------------------------------
+EngineFinish = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """One generated token's log-probability and the most likely alternatives, as ids (the front names them)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """What the backend learned preparing the prompt, sent with a request's first output."""
+
+    prompt_tokens: int
+    image_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_open: bool = False  # the template opened a <think> block that the answer starts inside
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """Token-level output of one request step. `finish_reason` "stop" means end-of-sequence (stop strings are
+    the front's business), "abort" that the front asked to stop, "error" that `error` says why."""
+
+    token_ids: tuple[int, ...] = ()
+    choices: tuple[TokenChoice, ...] = ()
+    finish_reason: EngineFinish | None = None
+    prompt: PromptInfo | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    entries: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of a backend's counters, exported to Prometheus the same way for every backend."""
+
+    queue_depth: int = 0
+    running: int = 0
+    decode_steps: int = 0
+    prefill_batches: int = 0
+    cancelled: int = 0
+    # Decode steps requests took part in after they were aborted: at most one each when aborts are prompt.
+    steps_after_cancel: int = 0
+    max_batch_seen: int = 0
+    caches: Mapping[str, CacheCounters] = field(default_factory=dict)

@@ -28,12 +28,6 @@ from vlmbridge.settings import Settings
 __all__ = ["create_app"]
 
 
-def _cache_stats(engine: object) -> dict[str, object]:
-    caches = {name: getattr(getattr(engine, f"{name}_cache", None), "stats", None) for name in ("prefix", "encoder")}
-    caches["pixel"] = getattr(getattr(getattr(engine, "prompts", None), "pixel_cache", None), "stats", None)
-    return caches
-
-
 def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader | None = None) -> FastAPI:
     """An ASGI app serving `slot`'s model. The slot starts loading when the app starts (lifespan)."""
     metrics = Metrics()
@@ -53,12 +47,10 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
         )
         app.state.started_at = time.time()
         metrics.bind_engine(
-            queue_depth=lambda: float(e.queue_depth()) if (e := slot.peek()) else 0.0,
-            stats=lambda: getattr(slot.peek(), "stats", None),
+            stats=lambda: e.stats() if (e := slot.peek()) is not None else None,
             ready=lambda: 1.0 if slot.state == "ready" else 0.0,
             in_flight=lambda: float(lifecycle.in_flight),
         )
-        metrics.bind_caches(lambda: _cache_stats(slot.peek()))
         slot.start()
         try:
             yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmbridge.engine.base import Engine
+from vlmbridge.output.pipeline import TextTools
 from vlmbridge.server.state import EngineSlot
 from vlmbridge.settings import Settings
 
@@ -20,4 +21,9 @@ def build_slot(settings: Settings, path: Path) -> EngineSlot:
 
         return build_engine(model, path, name)
 
-    return EngineSlot(name, factory=make)
+    def tools() -> TextTools:
+        from vlmbridge.output.client import load_text_tools
+
+        return load_text_tools(path, model.trust_remote_code)
+
+    return EngineSlot(name, factory=make, tools=tools)

@@ -3,13 +3,54 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vlmbridge.engine.types import EngineStats
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
+
+_ENGINE_GAUGES = (
+    ("vlmbridge_queue_depth", "Requests waiting for the engine.", "queue_depth"),
+    ("vlmbridge_running_requests", "Requests the engine is generating for.", "running"),
+    ("vlmbridge_decode_steps", "Decode steps the engine has run.", "decode_steps"),
+    ("vlmbridge_prefill_batches", "Prefill passes the engine has run.", "prefill_batches"),
+    ("vlmbridge_cancelled_requests", "Requests stopped because the client went away (or a stop string ended them).",
+     "cancelled"),
+    ("vlmbridge_decode_steps_after_cancel",
+     "Decode steps requests took part in after they were cancelled (at most one each).", "steps_after_cancel"),
+)  # fmt: skip
+_CACHE_STATS = ("hits", "misses", "evictions", "bytes", "entries")
+
+
+class _EngineCollector(Collector):
+    """The engine's stats as gauges, read at scrape time; caches by name, whichever the backend keeps."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected lazily: the engine may not exist yet when the registry is built
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats() or EngineStats()
+        for name, doc, field in _ENGINE_GAUGES:
+            yield GaugeMetricFamily(name, doc, value=float(getattr(stats, field)))
+        caches = GaugeMetricFamily(
+            "vlmbridge_cache",
+            "Prefix (KV), vision-encoder and processed-pixel cache counters: hits, misses, evictions, bytes, entries.",
+            labels=["cache", "stat"],
+        )
+        for cache, counters in sorted(stats.caches.items()):
+            for stat in _CACHE_STATS:
+                caches.add_metric([cache, stat], float(getattr(counters, stat)))
+        yield caches
+
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -34,47 +75,18 @@ class Metrics:
         self.image_tokens = Counter("vlmbridge_image_tokens", "Image tokens in prompts.", registry=r)
         self.completion_tokens = Counter("vlmbridge_completion_tokens", "Generated tokens.", registry=r)
         self.in_flight = Gauge("vlmbridge_requests_in_flight", "Chat requests being handled.", registry=r)
-        self.queue_depth = Gauge("vlmbridge_queue_depth", "Requests waiting for the engine.", registry=r)
-        self.decode_steps = Gauge("vlmbridge_decode_steps", "Decode steps the engine has run.", registry=r)
-        self.cancelled = Gauge(
-            "vlmbridge_cancelled_requests", "Requests stopped because the client went away.", registry=r
-        )
-        self.steps_after_cancel = Gauge(
-            "vlmbridge_decode_steps_after_cancel",
-            "Decode steps requests took part in after their client went away (at most one each).",
-            registry=r,
-        )
         self.model_ready = Gauge("vlmbridge_model_ready", "1 when the model is loaded and warmed up.", registry=r)
-        self.cache = Gauge(
-            "vlmbridge_cache",
-            "Prefix (KV), vision-encoder and processed-pixel cache counters: hits, misses, evictions, bytes, entries.",
-            ["cache", "stat"],
-            registry=r,
-        )
 
     def bind_engine(
         self,
-        queue_depth: Callable[[], float],
-        stats: Callable[[], object],
+        stats: Callable[[], EngineStats | None],
         ready: Callable[[], float],
         in_flight: Callable[[], float],
     ) -> None:
-        self.queue_depth.set_function(queue_depth)
+        """Read the backend's typed stats snapshot at scrape time (any backend: nothing here knows which)."""
         self.in_flight.set_function(in_flight)
         self.model_ready.set_function(ready)
-        self.decode_steps.set_function(lambda: float(getattr(stats(), "decode_steps", 0)))
-        self.cancelled.set_function(lambda: float(getattr(stats(), "cancelled", 0)))
-        self.steps_after_cancel.set_function(lambda: float(getattr(stats(), "steps_after_cancel", 0)))
-
-    def bind_caches(self, caches: Callable[[], dict[str, object]]) -> None:
-        """caches() -> {"prefix": CacheStats | None, "encoder": ...}, read at scrape time."""
-
-        def reader(name: str, stat: str) -> Callable[[], float]:
-            return lambda: float(getattr(caches().get(name), stat, 0))
-
-        for name in ("prefix", "encoder", "pixel"):
-            for stat in ("hits", "misses", "evictions", "bytes", "entries"):
-                self.cache.labels(name, stat).set_function(reader(name, stat))
+        self.registry.register(_EngineCollector(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,10 +8,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vlmbridge.engine.base import Engine, RequestStream
-from vlmbridge.engine.types import GenerationChunk
+from vlmbridge.engine.base import Engine
 from vlmbridge.errors import EngineNotReadyError, QueueFullError, ShuttingDownError, VlmbridgeError
 from vlmbridge.media.inflight import PixelGate
+from vlmbridge.output.client import ChunkStream, ModelClient
+from vlmbridge.output.pipeline import TextTools
 from vlmbridge.server.convert import ImageLoader
 from vlmbridge.server.metrics import Metrics
 from vlmbridge.settings import Settings
@@ -27,15 +28,28 @@ class EngineSlot:
     One slot per served model; a pool of slots is how several models and hot swaps will plug in.
     """
 
-    def __init__(self, name: str, factory: Callable[[], Engine] | None = None, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[], Engine] | None = None,
+        engine: Engine | None = None,
+        *,
+        tools: Callable[[], TextTools] | None = None,
+    ) -> None:
         self.name = name
         self._factory = factory
+        self._tools_factory = tools
         self._engine = engine
+        self._client: ModelClient | None = None
         self._failure: str | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._engine is not None or self._factory is None:
+        if self._engine is not None:  # handed over ready-made: only the front's tools are left to load
+            if self._tools_factory is not None and self._client is None:
+                self._client = ModelClient(self._engine, self._tools_factory())
+            return
+        if self._factory is None:
             return
         self._thread = threading.Thread(target=self._load, name=f"load-{self.name}", daemon=True)
         self._thread.start()
@@ -43,8 +57,11 @@ class EngineSlot:
     def _load(self) -> None:
         assert self._factory is not None
         try:
+            tools = self._tools_factory() if self._tools_factory is not None else None
             engine = self._factory()
             engine.start()
+            if tools is not None:
+                self._client = ModelClient(engine, tools)
             self._engine = engine
         except VlmbridgeError as exc:
             self._failure = exc.message + (f" — fix: {exc.fix}" if exc.fix else "")
@@ -76,6 +93,14 @@ class EngineSlot:
             raise EngineNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
         return self._engine
 
+    @property
+    def client(self) -> ModelClient:
+        """The ready engine with the front's text tools (what generation goes through)."""
+        engine = self.engine
+        if self._client is None or self._client.engine is not engine:
+            raise EngineNotReadyError(f"model {self.name!r} has no tokenizer in the front; it cannot generate")
+        return self._client
+
     def peek(self) -> Engine | None:
         return self._engine
 
@@ -92,7 +117,7 @@ class Lifecycle:
         self.draining = False
         self.in_flight = 0
         self.waiting = 0  # admitted, not yet handed to the engine (decoding images, preparing the prompt)
-        self.streams: set[RequestStream] = set()
+        self.streams: set[ChunkStream] = set()
 
     def admit(self, settings: Settings, engine_queue: int) -> None:
         """Refuse a request before any expensive work when the server is draining or its queue is full."""
@@ -116,8 +141,7 @@ class Lifecycle:
         log.warning("drain: %d request(s) still running after %.0fs; ending them", self.in_flight, grace)
         stopping = ShuttingDownError("the server is shutting down", code="shutting_down")
         for stream in list(self.streams):
-            stream.push(GenerationChunk(finish_reason="error", error=stopping))
-            stream.cancel()
+            stream.fail(stopping)
         deadline = loop.time() + slack
         while self.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)

@@ -11,9 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from vlmbridge.engine.base import EngineInfo, RequestStream
 from vlmbridge.engine.types import GenerationChunk
 from vlmbridge.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RequestTimeoutError
+from vlmbridge.output.client import ChunkStream
 from vlmbridge.server.convert import hold_images, to_generation_request
 from vlmbridge.server.errors import bounded_traceback, error_body
 from vlmbridge.server.jsonbody import StrictJSONRoute
@@ -41,7 +41,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     life = vlm.lifecycle
     # Cheap checks first: a refused request must cost about what a 404 costs, not an image decode.
     life.admit(vlm.settings, engine.queue_depth())
-    check_text_length(body.messages, engine.info)
+    client = vlm.slot.client
+    check_text_length(body.messages, engine.info.context_length, client.tools.max_token_chars)
     life.in_flight += 1
     handed_over = False
     try:
@@ -50,8 +51,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
             gen_request = await to_generation_request(body, vlm.settings, vlm.load_image)
             # Decoded pixels are reserved from the image headers before waiting for a preparation slot.
             async with hold_images(vlm.pixel_gate, gen_request), vlm.prepare_slots:
-                prepared = await asyncio.to_thread(engine.prepare, gen_request)
-            stream = engine.submit(prepared)
+                stream = await asyncio.to_thread(client.generate, gen_request)
         finally:
             life.waiting -= 1
         completion = Completion(
@@ -66,7 +66,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
 
         def done() -> None:
             life.streams.discard(stream)
-            stream.cancel()  # no-op when finished; stops generation when the client went away
+            stream.close()  # no-op when finished; stops generation when the client went away
             life.in_flight -= 1
 
         if body.stream:
@@ -99,11 +99,11 @@ class _EventStream(StreamingResponse):
             self._done()
 
 
-def check_text_length(messages: list[Message], info: EngineInfo) -> None:
+def check_text_length(messages: list[Message], context_length: int, max_token_chars: int) -> None:
     """Refuse text that cannot fit the context whatever it tokenizes to, before tokenizing any of it."""
-    if not info.max_token_chars:
+    if not max_token_chars:
         return
-    limit = info.context_length * info.max_token_chars
+    limit = context_length * max_token_chars
     total = 0
     for message in messages:
         total += len(message.reasoning_content or "")
@@ -114,18 +114,18 @@ def check_text_length(messages: list[Message], info: EngineInfo) -> None:
     if total > limit:
         raise ContextLengthError(
             f"the messages hold {total} characters of text; no tokenization of that fits the "
-            f"{info.context_length}-token context (at most {info.max_token_chars} characters per token)",
+            f"{context_length}-token context (at most {max_token_chars} characters per token)",
             param="messages",
             code="context_length_exceeded",
         )
 
 
-async def _next(stream: RequestStream, wait: float, deadline: float) -> GenerationChunk | None:
+async def _next(stream: ChunkStream, wait: float, deadline: float) -> GenerationChunk | None:
     """The next chunk within `wait` seconds (TimeoutError if none); the request's deadline is enforced here too,
     so a request times out even if the engine that should have enforced it is stuck."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        stream.cancel()
+        stream.close()
         raise RequestTimeoutError("the request ran past its timeout")
     return await stream.next(timeout=min(wait, remaining))
 
@@ -140,7 +140,7 @@ def _record(vlm: AppState, chunk: GenerationChunk, arrived: float, first: bool) 
 
 
 async def _collect(
-    vlm: AppState, request: Request, stream: RequestStream, completion: Completion, arrived: float, deadline: float
+    vlm: AppState, request: Request, stream: ChunkStream, completion: Completion, arrived: float, deadline: float
 ) -> None:
     first = True
     next_check = time.monotonic() + _DISCONNECT_POLL
@@ -164,7 +164,7 @@ async def _collect(
 
 
 async def _events(
-    vlm: AppState, stream: RequestStream, completion: Completion, arrived: float, deadline: float
+    vlm: AppState, stream: ChunkStream, completion: Completion, arrived: float, deadline: float
 ) -> AsyncIterator[str]:
     keepalive = vlm.settings.keepalive_interval
     first = True
@@ -196,4 +196,4 @@ async def _events(
         yield sse(error_body(exc))
         yield DONE
     finally:
-        stream.cancel()  # no-op when finished; stops generation when the client disconnected
+        stream.close()  # no-op when finished; stops generation when the client disconnected

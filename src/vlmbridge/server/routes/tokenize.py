@@ -50,7 +50,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     engine = vlm.slot.engine
     life = vlm.lifecycle
     life.admit(vlm.settings, engine.queue_depth())  # counting decodes images and runs the processor: admit first
-    check_text_length(body.messages, engine.info)
+    check_text_length(body.messages, engine.info.context_length, vlm.slot.client.tools.max_token_chars)
     # The chat route's own conversion: the same image loading, limits and pixel budgets, so the count matches.
     chat = ChatCompletionRequest.model_construct(
         model=name, messages=body.messages, max_pixels=body.max_pixels, min_pixels=body.min_pixels

@@ -14,7 +14,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from vlmbridge.engine.caches import PixelCache, ProcessedPixels
+from vlmbridge.engine.transformers.caches import PixelCache, ProcessedPixels
 from vlmbridge.engine.types import ImagePart, PixelBudget
 from vlmbridge.errors import ImageInputError
 

@@ -12,10 +12,11 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from vlmbridge.engine.batch import pack_prompts, prefill_positions
-from vlmbridge.engine.caches import PrefixCache, PrefixHit, prompt_keys
-from vlmbridge.engine.sequence import FaultHook, Sequence, describe
-from vlmbridge.engine.vision import VisionFeatures, image_slices
+from vlmbridge.engine.transformers.batch import pack_prompts, prefill_positions
+from vlmbridge.engine.transformers.caches import PrefixCache, PrefixHit, prompt_keys
+from vlmbridge.engine.transformers.family import IMAGE_INPUTS
+from vlmbridge.engine.transformers.sequence import FaultHook, Sequence, describe
+from vlmbridge.engine.transformers.vision import VisionFeatures, image_slices
 
 __all__ = ["Prefilled", "Prefiller"]
 
@@ -81,12 +82,19 @@ class Prefiller:
             seq.prompt_keys = prompt_keys(inputs.input_ids[0].tolist(), inputs.image_spans, inputs.image_keys)
         return seq.prompt_keys
 
+    def retire(self, seq: Sequence, cache: Any, mask_row: Any, row: int) -> None:
+        """A finished sequence leaves: its KV is filed for reuse, then its last output goes out."""
+        try:
+            self.remember(seq, cache, mask_row, row)
+        finally:
+            seq.release()
+
     def remember(self, seq: Sequence, cache: Any, mask_row: Any, row: int) -> None:
         """Keep a finished sequence's KV (prompt + all generated tokens but the last, which was never fed).
 
-        The request has already got its last chunk: a failure here only means this turn is not cached.
+        A failure here only means this turn is not cached; the request itself has finished.
         """
-        if self.prefix_cache is None or seq.finish not in ("stop", "length"):
+        if self.prefix_cache is None or seq.finish not in ("stop", "length", "abort"):
             return
         try:
             if self.fault_hook is not None:
@@ -118,12 +126,12 @@ class Prefiller:
         for row, seq in enumerate(seqs):
             seq.step(logits[row], self.fault_hook)  # a failure ends this row only
             if seq.finish is not None:
-                self.remember(seq, cache, mask[row], row)
+                self.retire(seq, cache, mask[row], row)
         keep = [i for i, s in enumerate(seqs) if s.finish is None]
         if not keep:
             return None
         if len(keep) < len(seqs):
-            from vlmbridge.engine import kv
+            from vlmbridge.engine.transformers import kv
 
             kv.select_rows(cache, keep)
             mask = mask[keep]
@@ -134,8 +142,8 @@ class Prefiller:
         packed = pack_prompts([s.prepared.inputs for s in seqs], self.pad_id, self.device)
         position_ids, text_next, rope_next = prefill_positions(packed, self.rope_index)
         if self.vision is not None:  # images go in as encoder outputs (cached per image)
-            packed.pop("pixel_values", None)
-            packed.pop("image_grid_thw", None)
+            for key in IMAGE_INPUTS:
+                packed.pop(key, None)
         cache = self.new_cache(None)
         out = self.model(
             **packed, **self._encoder_outputs(seqs), position_ids=position_ids, use_cache=True, logits_to_keep=1,

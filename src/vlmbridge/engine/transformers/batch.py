@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vlmbridge.engine import kv
-from vlmbridge.engine.prompt import ModelInputs
-from vlmbridge.engine.sequence import Sequence
+from vlmbridge.engine.transformers import kv
+from vlmbridge.engine.transformers.family import IMAGE_INPUTS
+from vlmbridge.engine.transformers.prompt import ModelInputs
+from vlmbridge.engine.transformers.sequence import Sequence
 from vlmbridge.errors import EngineFailedError
 
 __all__ = ["RunningBatch", "pack_prompts", "prefill_positions"]
@@ -42,7 +43,7 @@ def pack_prompts(inputs: list[ModelInputs], pad_id: int, device: Any) -> dict[st
         packed["mm_token_type_ids"] = torch.stack(mm_types).to(device)
     # The model scatters image features into placeholder positions in row-major order: concatenating each
     # prompt's patches in row order keeps every image with its own prompt.
-    for key in ("pixel_values", "image_grid_thw"):
+    for key in IMAGE_INPUTS:
         parts = [i.tensors[key] for i in inputs if key in i.tensors]
         if parts:
             packed[key] = torch.cat(parts, dim=0).to(device)

@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vlmbridge.engine.caches import PixelCache
-from vlmbridge.engine.pixels import ImagePixels, image_key
-from vlmbridge.engine.types import ChatMessage, PixelBudget, TextPart
+from vlmbridge.engine.transformers.caches import PixelCache
+from vlmbridge.engine.transformers.pixels import ImagePixels, image_key
+from vlmbridge.engine.types import ChatMessage, GenerationRequest, PixelBudget, TextPart
 from vlmbridge.errors import ContextLengthError, InvalidRequestError
+from vlmbridge.geometry import smart_resize, tokens_for_image
 
-__all__ = ["DEFAULT_PIXEL_CACHE_BYTES", "RESERVED_TEMPLATE_KWARGS", "ModelInputs", "PromptBuilder"]
+__all__ = ["DEFAULT_PIXEL_CACHE_BYTES", "RESERVED_TEMPLATE_KWARGS", "ModelInputs", "PreparedRequest", "PromptBuilder"]
 
 DEFAULT_PIXEL_CACHE_BYTES = 256 << 20  # the serve default (--pixel-cache-mb 256)
 
@@ -48,6 +49,15 @@ class ModelInputs:
         return self.tensors["input_ids"]
 
 
+@dataclass
+class PreparedRequest:
+    """A request with its model inputs built and its completion length settled."""
+
+    request: GenerationRequest
+    inputs: ModelInputs
+    max_new_tokens: int
+
+
 class PromptBuilder:
     """Thread-safe: prompts are built on the callers' threads, several at once.
 
@@ -61,6 +71,7 @@ class PromptBuilder:
         context_length: int,
         *,
         pixel_cache_bytes: int = DEFAULT_PIXEL_CACHE_BYTES,
+        image_token: str = "<|image_pad|>",
     ) -> None:
         self.processor = processor
         self.tokenizer = tokenizer
@@ -70,7 +81,7 @@ class PromptBuilder:
         self._merge = int(getattr(image_processor, "merge_size", 2) or 2)
         size = getattr(image_processor, "size", None)
         self.default_min_pixels = int(getattr(size, "shortest_edge", None) or 3136)
-        self.image_token_id = self._token_id("<|image_pad|>")
+        self.image_token_id = self._token_id(image_token)  # the family's placeholder (see family.py)
         self.pixel_cache = PixelCache(pixel_cache_bytes) if processor is not None and pixel_cache_bytes > 0 else None
         self._pixels = ImagePixels(processor, self.pixel_cache, self.default_min_pixels)
 
@@ -88,16 +99,15 @@ class PromptBuilder:
         return int(tid) if isinstance(tid, int) and tid != unk else None
 
     def image_tokens_for(self, width: int, height: int, budget: PixelBudget) -> int:
-        """`<|image_pad|>` tokens an image of this size takes under `budget` (the processor's own resize rule)."""
-        h, w = self.resized(width, height, budget)
-        return (h // self._patch) * (w // self._patch) // (self._merge**2)
+        """`<|image_pad|>` tokens an image of this size takes under `budget` (geometry's one rule)."""
+        return tokens_for_image(
+            width, height, patch_size=self._patch, merge_size=self._merge,
+            min_pixels=budget.min_pixels or self.default_min_pixels, max_pixels=budget.max_pixels,
+        )  # fmt: skip
 
     def resized(self, width: int, height: int, budget: PixelBudget) -> tuple[int, int]:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
         min_px = budget.min_pixels or self.default_min_pixels
-        h, w = smart_resize(height, width, factor=self.image_factor, min_pixels=min_px, max_pixels=budget.max_pixels)
-        return int(h), int(w)
+        return smart_resize(height, width, self.image_factor, min_px, budget.max_pixels)
 
     # --- building ---------------------------------------------------------------------------------------
     def template_messages(self, messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:

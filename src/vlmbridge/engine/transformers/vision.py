@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlmbridge.engine.caches import EncoderCache
-from vlmbridge.engine.prompt import ModelInputs
+from vlmbridge.engine.transformers.caches import EncoderCache
+from vlmbridge.engine.transformers.family import FamilyAdapter
+from vlmbridge.engine.transformers.prompt import ModelInputs
 
 __all__ = ["ImageSlice", "VisionFeatures", "image_slices"]
 
@@ -38,8 +39,9 @@ def image_slices(inputs: ModelInputs) -> list[ImageSlice]:
 
 
 class VisionFeatures:
-    def __init__(self, model: Any, cache: EncoderCache | None) -> None:
-        self._encoder = model.model  # the family's base model owns get_image_features
+    def __init__(self, model: Any, cache: EncoderCache | None, family: FamilyAdapter) -> None:
+        self._encoder = family.vision_encoder(model)
+        self._family = family
         self._cache = cache
         self._output_cls: Any = None
 
@@ -56,17 +58,8 @@ class VisionFeatures:
             grids = torch.cat([images[n].grid for n in missing]).to(device)
             out = self._encoder.get_image_features(pixels, grids, return_dict=True)
             self._output_cls = type(out)
-            deepstack = getattr(out, "deepstack_features", None)
-            for j, n in enumerate(missing):
-                item: dict[str, Any] = {"pooler_output": out.pooler_output[j].clone()}
-                if deepstack is not None:
-                    item["deepstack_features"] = [layer[j].clone() for layer in deepstack]
+            for n, item in zip(missing, self._family.split_features(out, len(missing)), strict=True):
                 parts[n] = item
                 if self._cache is not None:
                     self._cache.put(images[n].key, item)
-        ready = [p for p in parts if p is not None]
-        fields: dict[str, Any] = {"pooler_output": tuple(p["pooler_output"] for p in ready)}
-        if "deepstack_features" in ready[0]:
-            layers = len(ready[0]["deepstack_features"])
-            fields["deepstack_features"] = [tuple(p["deepstack_features"][k] for p in ready) for k in range(layers)]
-        return self._output_cls(**fields)
+        return self._family.join_features(self._output_cls, [p for p in parts if p is not None])

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from vlmbridge.engine.types import SamplingParams, TokenLogprob
+from vlmbridge.engine.types import SamplingParams, TokenChoice
 from vlmbridge.errors import EngineFailedError
 
 __all__ = ["LOGPROB_FLOOR", "MIN_TEMPERATURE", "ResolvedSampling", "Sampler", "resolve_sampling"]
@@ -74,11 +74,10 @@ def resolve_sampling(params: SamplingParams, generation_config: Any) -> Resolved
 class Sampler:
     """Chooses the next token of one sequence from its logits row."""
 
-    def __init__(self, resolved: ResolvedSampling, prompt_ids: Any, vocab_size: int, device: Any, token_text: Any):
+    def __init__(self, resolved: ResolvedSampling, prompt_ids: Any, vocab_size: int, device: Any):
         import torch
 
         self.cfg = resolved
-        self._token_text = token_text  # id -> (text, bytes)
         self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
         self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         ids = prompt_ids.reshape(-1).to(device)
@@ -91,7 +90,7 @@ class Sampler:
             self._counts[token_id] += 1
             self._seen[token_id] = True
 
-    def choose(self, logits: Any) -> tuple[int, TokenLogprob | None]:
+    def choose(self, logits: Any) -> tuple[int, TokenChoice | None]:
         """logits: 1-D float tensor over the vocabulary (raw model output for this step)."""
         import torch
 
@@ -140,18 +139,15 @@ class Sampler:
             scores = scores.scatter(0, order[drop], float("-inf"))
         return scores
 
-    def _logprob(self, raw: Any, token: int) -> TokenLogprob:
+    def _logprob(self, raw: Any, token: int) -> TokenChoice:
         import torch
 
         logp = torch.log_softmax(raw, dim=-1)
-        text, data = self._token_text(token)
-        top: list[tuple[str, float, tuple[int, ...]]] = []
+        top: tuple[tuple[int, float], ...] = ()
         if self.cfg.top_logprobs:
             values, ids = torch.topk(logp, self.cfg.top_logprobs)
-            for value, tid in zip(values.tolist(), ids.tolist(), strict=True):
-                t, b = self._token_text(tid)
-                top.append((t, _reportable(value), b))
-        return TokenLogprob(token=text, logprob=_reportable(float(logp[token])), token_bytes=data, top=tuple(top))
+            top = tuple((int(t), _reportable(v)) for v, t in zip(values.tolist(), ids.tolist(), strict=True))
+        return TokenChoice(token_id=token, logprob=_reportable(float(logp[token])), top=top)
 
 
 def _bounded(scores: Any) -> Any:

@@ -1,7 +1,9 @@
-"""One request while the engine works on it: its sampler, text pipeline, positions and finish state.
+"""One request while the engine works on it: its sampler, positions, tokens and finish state.
 
-Failures are per request: whatever goes wrong while choosing or emitting this request's token fails this request
-alone (`EngineFailedError` with a code), and its neighbours in the batch go on.
+It speaks token ids (`EngineOutput`); text, stop strings and reasoning are the front's (`vlmbridge.output`).
+Failures are per request: whatever goes wrong while choosing this request's token fails this request alone
+(`EngineFailedError` with a code), and its neighbours in the batch go on. A finished request's last output is
+held until the engine has filed its KV cache (`release`), so whoever sees the end can rely on the cache.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vlmbridge.engine.base import RequestStream
-from vlmbridge.engine.sampling import Sampler
-from vlmbridge.engine.textstream import IncrementalDecoder, ReasoningSplitter, StopMatcher, TextDelta
-from vlmbridge.engine.types import FinishReason, GenerationChunk, TokenLogprob, Usage
+from vlmbridge.engine.transformers.sampling import Sampler
+from vlmbridge.engine.types import EngineFinish, EngineOutput, PromptInfo, TokenChoice
 from vlmbridge.errors import EngineFailedError, VlmbridgeError
 
 if TYPE_CHECKING:
-    from vlmbridge.engine.embedded import PreparedRequest
+    from vlmbridge.engine.transformers.prompt import PreparedRequest
 
 __all__ = ["FaultHook", "Sequence", "describe", "public_error", "step_error"]
 
@@ -31,20 +32,19 @@ FaultHook = Callable[[str, str], None]
 @dataclass
 class Sequence:
     prepared: PreparedRequest
-    stream: RequestStream
+    stream: RequestStream[EngineOutput]
     sampler: Sampler
-    decoder: IncrementalDecoder
-    stopper: StopMatcher
-    splitter: ReasoningSplitter
     eos: frozenset[int] = field(default_factory=frozenset)
     text_pos: int = 0  # real tokens in the cache = text position of the next token
     rope_pos: int = 0  # rotary position of the next token (ahead of text_pos after images under M-RoPE)
     next_token: int = -1
-    finish: FinishReason | None = None
-    ended: bool = False  # the last chunk went out: nothing more may be pushed
+    finish: EngineFinish | None = None
+    ended: bool = False  # the last output went out: nothing more may be pushed
     tokens: list[int] = field(default_factory=list)  # generated ids, in order
     cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache
     prompt_keys: list[Hashable] | None = None  # content keys of the prompt, for the prefix cache
+    _prompt_sent: bool = False
+    _final: EngineOutput | None = None
 
     @property
     def generated(self) -> int:
@@ -54,13 +54,17 @@ class Sequence:
     def request_id(self) -> str:
         return self.prepared.request.request_id
 
-    def usage(self) -> Usage:
+    def _prompt(self) -> PromptInfo | None:
+        """The prompt's counts, on the first output only."""
+        if self._prompt_sent:
+            return None
+        self._prompt_sent = True
         inputs = self.prepared.inputs
-        return Usage(
+        return PromptInfo(
             prompt_tokens=inputs.prompt_tokens,
-            completion_tokens=self.generated,
             image_tokens=inputs.image_tokens,
             cached_tokens=self.cached_tokens,
+            reasoning_open=inputs.ends_in_think_block,
         )
 
     def step(self, logits: Any, hook: FaultHook | None = None) -> None:
@@ -69,59 +73,56 @@ class Sequence:
         try:
             if hook is not None:
                 hook("sample", self.request_id)
-            token, logprob = self.sampler.choose(logits)
-            code, what = "detokenize_failed", "turning the next token into text"
+            token, choice = self.sampler.choose(logits)
+            code, what = "accept_failed", "taking the next token"
             if hook is not None:
                 hook("accept", self.request_id)
-            self.accept(token, logprob)
+            self.accept(token, choice)
         except Exception as exc:
             self.fail(step_error(exc, code, what, [self.request_id]))
 
-    def accept(self, token: int, logprob: TokenLogprob | None) -> None:
-        """Take the sampled token: update text, stop/finish state, and push the chunk to the client."""
+    def accept(self, token: int, choice: TokenChoice | None) -> None:
+        """Take the sampled token: update the finish state and emit it (the last one is held, see `release`)."""
         self.tokens.append(token)
         self.sampler.observe(token)
         self.next_token = token
-        text = ""
         if token in self.eos and not self.prepared.request.sampling.ignore_eos:
             self.finish = "stop"
-        else:
-            text = self.stopper.feed(self.decoder.add(token))
-            if self.stopper.stopped:
-                self.finish = "stop"
-            elif self.generated >= self.prepared.max_new_tokens:
-                self.finish = "length"
-        if self.finish is not None and not self.stopper.stopped:
-            text += self.stopper.feed(self.decoder.flush()) + self.stopper.flush()
-        delta = self.splitter.feed(text)
-        if self.finish is not None:
-            tail = self.splitter.flush()
-            delta = TextDelta(text=delta.text + tail.text, reasoning=delta.reasoning + tail.reasoning)
-        self._push(
-            GenerationChunk(
-                text=delta.text,
-                reasoning=delta.reasoning,
-                token_ids=(token,),
-                logprobs=(logprob,) if logprob is not None else (),
-                finish_reason=self.finish,
-                usage=self.usage() if self.finish is not None else None,
-            )
+        elif self.generated >= self.prepared.max_new_tokens:
+            self.finish = "length"
+        out = EngineOutput(
+            token_ids=(token,),
+            choices=(choice,) if choice is not None else (),
+            finish_reason=self.finish,
+            prompt=self._prompt(),
         )
+        if self.finish is None:
+            self.stream.push(out)
+        else:
+            self._final = out
 
-    def cancel(self) -> None:
-        if not self.ended:
-            self.finish = "cancelled"
-            self._push(GenerationChunk(finish_reason="cancelled", usage=self.usage()))
+    def abort(self) -> None:
+        """Stop at the front's request; the "abort" output waits for `release` like any other last output."""
+        if not self.ended and self.finish is None:
+            self.finish = "abort"
+            self._final = EngineOutput(finish_reason="abort", prompt=self._prompt())
+
+    def release(self) -> None:
+        """Send the held last output (after the engine filed the request's KV)."""
+        if self._final is not None and not self.ended:
+            self.ended = True
+            self.stream.push(self._final, last=True)
+            self._final = None
 
     def fail(self, exc: BaseException) -> None:
-        """End the request with an error; a no-op once its last chunk went out (it stays as it ended)."""
+        """End the request with an error at once; a no-op once its last output went out."""
         if not self.ended:
             self.finish = "error"
-            self._push(GenerationChunk(finish_reason="error", error=public_error(exc), usage=self.usage()))
-
-    def _push(self, chunk: GenerationChunk) -> None:
-        self.ended = chunk.finish_reason is not None
-        self.stream.push(chunk)
+            self.ended = True
+            self._final = None
+            self.stream.push(
+                EngineOutput(finish_reason="error", error=public_error(exc), prompt=self._prompt()), last=True
+            )
 
 
 def describe(exc: BaseException) -> str:

@@ -1,20 +1,20 @@
-"""The embedded engine: transformers models driven step by step on one dedicated worker thread.
+"""The transformers backend's engine: models driven step by step on one dedicated worker thread.
 
 All model calls happen on that thread (CUDA graphs and some kernels keep per-thread state, and it keeps the
-event loop free). Requests are prepared (chat template, image processing) on the caller's thread and queued.
-The worker prefills waiting requests together (left-padded, images of any size), then decodes every running
-request in one batch; new requests join at step boundaries (continuous batching). Cancellation and deadlines
-are checked before every step, so a client that goes away costs at most the step already running.
+event loop free). `generate` prepares a request (chat template, image processing) on the caller's thread and
+queues it. The worker prefills waiting requests together (left-padded, images of any size), then decodes every
+running request in one batch; new requests join at step boundaries (continuous batching). Aborts from the front
+and deadlines are checked before every step, so a client that goes away costs at most the step already running.
+Outputs are token ids (`EngineOutput`); the front turns them into text.
 
-No request can stop the worker: a failure in a step (prefill, decode forward, sampling, detokenizing, caching)
-fails only the requests it concerns, with a classified `EngineFailedError`; an unexpected failure of the loop
-itself fails the requests in flight and the loop goes on. If the thread ends anyway, or one step runs past
+No request can stop the worker: a failure in a step (prefill, decode forward, sampling, caching) fails only the
+requests it concerns, with a classified `EngineFailedError`; an unexpected failure of the loop itself fails the
+requests in flight and the loop goes on. If the thread ends anyway, or one step runs past
 `EngineLimits.stall_after_s`, `state` says "failed" (so /health turns red) and waiting requests get a 503.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import os
@@ -27,23 +27,25 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
-from vlmbridge.engine.batch import RunningBatch
-from vlmbridge.engine.caches import EncoderCache, PrefixCache, PrefixHit
-from vlmbridge.engine.prefill import Prefilled, Prefiller
-from vlmbridge.engine.prompt import ModelInputs, PromptBuilder
-from vlmbridge.engine.sampling import Sampler, resolve_sampling
-from vlmbridge.engine.sequence import FaultHook, Sequence, describe, public_error, step_error
-from vlmbridge.engine.textstream import IncrementalDecoder, ReasoningSplitter, StopMatcher, token_text_table
+from vlmbridge.engine.transformers.batch import RunningBatch
+from vlmbridge.engine.transformers.caches import EncoderCache, PrefixCache, PrefixHit
+from vlmbridge.engine.transformers.family import adapter_for
+from vlmbridge.engine.transformers.prefill import Prefilled, Prefiller
+from vlmbridge.engine.transformers.prompt import PreparedRequest, PromptBuilder
+from vlmbridge.engine.transformers.sampling import Sampler, resolve_sampling
+from vlmbridge.engine.transformers.sequence import FaultHook, Sequence, describe, public_error, step_error
+from vlmbridge.engine.transformers.vision import VisionFeatures
 from vlmbridge.engine.types import (
+    CacheCounters,
     ChatMessage,
-    GenerationChunk,
+    EngineOutput,
+    EngineStats,
     GenerationRequest,
     ImagePart,
     PixelBudget,
     SamplingParams,
     TextPart,
 )
-from vlmbridge.engine.vision import VisionFeatures
 from vlmbridge.errors import (
     ContextLengthError,
     EngineFailedError,
@@ -57,7 +59,7 @@ from vlmbridge.loader import LoadedModel
 if TYPE_CHECKING:
     from vlmbridge.settings import ModelSettings
 
-__all__ = ["EngineLimits", "EngineStats", "FaultHook", "PreparedRequest", "TransformersEngine"]
+__all__ = ["EngineCounters", "EngineLimits", "FaultHook", "PreparedRequest", "TransformersEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +110,8 @@ class EngineLimits:
 
 
 @dataclass
-class EngineStats:
-    """Counters for metrics (read from other threads; ints are updated atomically under the GIL)."""
+class EngineCounters:
+    """The worker's running counters (read from other threads; ints are updated atomically under the GIL)."""
 
     decode_steps: int = 0
     prefill_batches: int = 0
@@ -121,16 +123,9 @@ class EngineStats:
 
 
 @dataclass
-class PreparedRequest:
-    request: GenerationRequest
-    inputs: ModelInputs
-    max_new_tokens: int
-
-
-@dataclass
 class _Queued:
     prepared: PreparedRequest
-    stream: RequestStream
+    stream: RequestStream[EngineOutput]
 
 
 class TransformersEngine:
@@ -150,9 +145,6 @@ class TransformersEngine:
         text_cfg = model.config.get_text_config(decoder=True)
         max_pos = int(getattr(text_cfg, "max_position_embeddings", 32768) or 32768)
         self.context_length = min(self.limits.context_length or min(max_pos, 32768), max_pos)
-        self.prompts = PromptBuilder(
-            loaded.processor, loaded.tokenizer, self.context_length, pixel_cache_bytes=self.limits.pixel_cache_bytes
-        )
         self._info = EngineInfo(
             model_id=model_id,
             model_path=str(loaded.folder.path),
@@ -164,7 +156,6 @@ class TransformersEngine:
             device=str(loaded.device),
             quantization=loaded.quantization,
             quantization_reason=loaded.quantization_reason,
-            max_token_chars=_max_token_chars(loaded.tokenizer),
         )
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else []
@@ -173,14 +164,17 @@ class TransformersEngine:
             eos_ids.add(int(loaded.tokenizer.eos_token_id))
         self._eos = frozenset(eos_ids)
         self._pad_id = int(gen.pad_token_id) if gen.pad_token_id is not None else min(self._eos, default=0)
-        self._token_text = token_text_table(loaded.tokenizer)
         self._vocab = int(getattr(text_cfg, "vocab_size", 0) or len(loaded.tokenizer))
-        inner = getattr(model, "model", None)
-        self._rope_index = getattr(inner, "get_rope_index", None)  # M-RoPE models (all Qwen-VL families)
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.family = adapter_for(loaded.folder.model_type, vlm=loaded.kind == "vlm")
+        self.prompts = PromptBuilder(
+            loaded.processor, loaded.tokenizer, self.context_length, pixel_cache_bytes=self.limits.pixel_cache_bytes,
+            image_token=self.family.image_token or "<|image_pad|>",
+        )  # fmt: skip
+        self._rope_index = self.family.rope_index(model)
+        self._cache_kw = self.family.cache_keyword(model)
         self.prefix_cache = PrefixCache(self.limits.prefix_cache_bytes) if self.limits.prefix_cache_bytes else None
         self.encoder_cache = EncoderCache(self.limits.encoder_cache_bytes) if self.limits.encoder_cache_bytes else None
-        vision = VisionFeatures(model, self.encoder_cache) if loaded.kind == "vlm" else None
+        vision = VisionFeatures(model, self.encoder_cache, self.family) if loaded.kind == "vlm" else None
         self._prefiller = Prefiller(
             model, loaded.device, self._pad_id, self._rope_index, self._cache_kw, self._new_cache,
             self.prefix_cache, vision,
@@ -200,7 +194,11 @@ class TransformersEngine:
         self._faults = 0  # loop iterations in a row that failed
         self._last_fault = ""
         self._ids = itertools.count(1)
-        self.stats = EngineStats()
+        # Request ids the front asked to stop (added on any thread), with when: an abort that crossed the
+        # request's own end is forgotten after a minute.
+        self._aborted: dict[str, float] = {}
+        self._abort_lock = threading.Lock()
+        self.counters = EngineCounters()
         self.fault_hook = fault_hook
 
     # --- Engine interface -------------------------------------------------------------------------------
@@ -289,11 +287,9 @@ class TransformersEngine:
             sampling=SamplingParams(max_new_tokens=2, temperature=0.0),
             request_id="warm-up",
         )
-        for chunk in self.submit(self.prepare(req), warm_up=True):
-            if chunk.error is not None:
-                raise chunk.error
-        while self.active_count() and self._closed is None:  # the worker files the KV right after the last chunk
-            time.sleep(0.001)
+        for out in self.submit(self.prepare(req), warm_up=True):  # the last output comes after its KV is filed
+            if out.error is not None:
+                raise out.error
         for cache in (self.prefix_cache, self.encoder_cache, self.prompts.pixel_cache):
             if cache is not None:
                 cache.clear()  # the warm-up's picture and prompt are nobody's conversation
@@ -316,12 +312,12 @@ class TransformersEngine:
             request = replace(request, request_id=f"req-{next(self._ids)}")
         return PreparedRequest(request=request, inputs=inputs, max_new_tokens=wanted)
 
-    def submit(self, prepared: PreparedRequest, *, warm_up: bool = False) -> RequestStream:
+    def submit(self, prepared: PreparedRequest, *, warm_up: bool = False) -> RequestStream[EngineOutput]:
         if not warm_up and self.state != "ready":
             raise EngineNotReadyError(f"model is not ready: {self.state_reason}")
         if self._closed is not None:
             raise self._closed
-        stream = RequestStream(prepared.request.request_id)
+        stream: RequestStream[EngineOutput] = RequestStream(prepared.request.request_id)
         try:
             self._queue.put_nowait(_Queued(prepared, stream))
         except queue.Full:
@@ -331,8 +327,47 @@ class TransformersEngine:
             self._drain_queue(self._closed)
         return stream
 
-    def generate(self, request: GenerationRequest) -> RequestStream:
+    def generate(self, request: GenerationRequest) -> RequestStream[EngineOutput]:
         return self.submit(self.prepare(request))
+
+    def abort(self, request_id: str) -> None:
+        with self._abort_lock:
+            self._aborted[request_id] = time.monotonic()
+        self._wake.set()
+
+    def _take_abort(self, request_id: str) -> bool:
+        """Whether the front asked to stop this request (and forget the ask: a request ends once)."""
+        if not self._aborted:  # the common case, without the lock
+            return False
+        with self._abort_lock:
+            return self._aborted.pop(request_id, None) is not None
+
+    def _forget_stale_aborts(self) -> None:
+        if self._aborted:
+            old = time.monotonic() - 60
+            with self._abort_lock:
+                for rid in [rid for rid, at in self._aborted.items() if at < old]:
+                    del self._aborted[rid]
+
+    def stats(self) -> EngineStats:
+        c = self.counters
+        caches = {
+            name: CacheCounters(s.hits, s.misses, s.evictions, s.bytes, s.entries)
+            for name, cache in (
+                ("prefix", self.prefix_cache), ("encoder", self.encoder_cache), ("pixel", self.prompts.pixel_cache)
+            )
+            if cache is not None and (s := cache.stats) is not None
+        }  # fmt: skip
+        return EngineStats(
+            queue_depth=self.queue_depth(),
+            running=len(self._batch),
+            decode_steps=c.decode_steps,
+            prefill_batches=c.prefill_batches,
+            cancelled=c.cancelled,
+            steps_after_cancel=c.steps_after_cancel,
+            max_batch_seen=c.max_batch_seen,
+            caches=caches,
+        )
 
     def count_prompt(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
         inputs = self.prompts.build(messages)
@@ -372,6 +407,7 @@ class TransformersEngine:
                     self._faults, self._last_fault = 0, ""
 
     def _iterate(self) -> None:
+        self._forget_stale_aborts()
         if not self._batch and not self._held and self._queue.empty():
             self._wake.wait(timeout=0.5)
             self._wake.clear()
@@ -415,7 +451,7 @@ class TransformersEngine:
         self._batch, self._pending = RunningBatch(), []
         held, self._held = self._held, []
         for q in held:
-            q.stream.push(GenerationChunk(finish_reason="error", error=waiting))
+            q.stream.push(EngineOutput(finish_reason="error", error=waiting), last=True)
         self._drain_queue(waiting)
 
     def _drain_queue(self, error: Exception) -> None:
@@ -424,7 +460,7 @@ class TransformersEngine:
                 q = self._queue.get_nowait()
             except queue.Empty:
                 return
-            q.stream.push(GenerationChunk(finish_reason="error", error=error))
+            q.stream.push(EngineOutput(finish_reason="error", error=error), last=True)
 
     @staticmethod
     def _threads(count: int) -> None:
@@ -446,9 +482,9 @@ class TransformersEngine:
                     q = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if q.stream.cancelled:  # its client left while it waited: counted like a cancel mid-decode
-                self.stats.cancelled += 1
-                q.stream.push(GenerationChunk(finish_reason="cancelled"))
+            if self._take_abort(q.stream.request_id):  # aborted while it waited: counted like one mid-decode
+                self.counters.cancelled += 1
+                q.stream.push(EngineOutput(finish_reason="abort"), last=True)
                 continue
             size = q.prepared.inputs.prompt_tokens
             if taken and tokens + size > self.limits.max_prefill_tokens:
@@ -465,10 +501,7 @@ class TransformersEngine:
         return Sequence(
             prepared=prepared,
             stream=q.stream,
-            sampler=Sampler(resolved, prepared.inputs.input_ids, self._vocab, self.loaded.device, self._token_text),
-            decoder=IncrementalDecoder(self.loaded.tokenizer),
-            stopper=StopMatcher(prepared.request.sampling.stop),
-            splitter=ReasoningSplitter(prepared.inputs.ends_in_think_block),
+            sampler=Sampler(resolved, prepared.inputs.input_ids, self._vocab, self.loaded.device),
             eos=self._eos,
         )
 
@@ -496,7 +529,7 @@ class TransformersEngine:
                 seqs.append(self._sequence(q))
             except Exception as exc:
                 error = step_error(exc, "prefill_failed", "setting up the request", [q.stream.request_id])
-                q.stream.push(GenerationChunk(finish_reason="error", error=error))
+                q.stream.push(EngineOutput(finish_reason="error", error=error), last=True)
         return seqs
 
     def _find_prefix(self, seq: Sequence) -> PrefixHit | None:
@@ -520,7 +553,7 @@ class TransformersEngine:
             for seq in seqs:
                 seq.fail(error)
             return True
-        self.stats.prefill_batches += 1
+        self.counters.prefill_batches += 1
         if done is not None:
             try:
                 self._batch.join(done.seqs, done.cache, done.mask)
@@ -529,7 +562,7 @@ class TransformersEngine:
                 for seq in done.seqs:
                     seq.fail(error)
                 return True
-            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._batch))
+            self.counters.max_batch_seen = max(self.counters.max_batch_seen, len(self._batch))
         return True
 
     def _probe(self, stage: str, seqs: list[Sequence]) -> None:
@@ -547,16 +580,29 @@ class TransformersEngine:
             return DynamicCache(ddp_cache_data=layers)
 
     def _expire(self) -> None:
-        """Cancelled and timed-out requests leave before the next step."""
+        """Aborted and timed-out requests leave before the next step (an aborted one's KV is filed first: the
+        front aborts on a stop string, and the conversation goes on from there)."""
         now = time.monotonic()
-        for seq in self._batch.seqs:
+        aborted = []
+        for row, seq in enumerate(self._batch.seqs):
             deadline = seq.prepared.request.deadline
-            if seq.stream.cancelled:
-                seq.cancel()
-                self.stats.cancelled += 1
+            if self._take_abort(seq.request_id):
+                seq.abort()
+                self.counters.cancelled += 1
+                self._prefiller.remember(seq, self._batch.cache, self._batch.mask[row], row)
+                aborted.append(seq)
             elif deadline is not None and now > deadline:
                 seq.fail(RequestTimeoutError("the request ran past its timeout"))
-        self._batch.drop_finished()
+        self._drop_finished(aborted)
+
+    def _drop_finished(self, finished: list[Sequence]) -> None:
+        """Take finished rows out of the batch, then send their last outputs: whoever sees a request end can
+        rely on its KV being filed and on the engine being done with it."""
+        try:
+            self._batch.drop_finished()
+        finally:
+            for seq in finished:
+                seq.release()
 
     def _decode_step(self) -> None:
         self._expire()
@@ -575,22 +621,17 @@ class TransformersEngine:
                 seq.fail(error)
             self._batch = RunningBatch()  # the cache and mask may hold half a step: keep nothing of them
             return
-        self.stats.decode_steps += 1
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._batch))
+        self.counters.decode_steps += 1
+        self.counters.max_batch_seen = max(self.counters.max_batch_seen, len(self._batch))
         self._batch.advance()
         logits = out.logits[:, -1, :]
         hook = self._fault_hook
+        finished = []
         for row, seq in enumerate(self._batch.seqs):
-            if seq.stream.cancelled:
-                self.stats.steps_after_cancel += 1
+            if self._aborted and seq.request_id in self._aborted:
+                self.counters.steps_after_cancel += 1
             seq.step(logits[row], hook)  # a failure ends this row only
             if seq.finish is not None:
                 self._prefiller.remember(seq, self._batch.cache, self._batch.mask[row], row)
-        self._batch.drop_finished()
-
-
-def _max_token_chars(tokenizer: Any) -> int:
-    """The longest vocabulary entry, in characters: no token stands for more characters of text than that
-    (a byte-level piece has one character per byte, and a character of text takes at least one byte)."""
-    vocab = tokenizer.get_vocab()
-    return max((len(piece) for piece in vocab), default=0)
+                finished.append(seq)
+        self._drop_finished(finished)
