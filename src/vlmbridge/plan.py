@@ -183,7 +183,7 @@ class Plan:
 
 
 # --- reading -----------------------------------------------------------------------------------------------
-def _processor_settings(folder: ModelFolder) -> dict[str, Any] | None:
+def processor_settings(folder: ModelFolder) -> dict[str, Any] | None:
     for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
         path = folder.path / name
         if not path.is_file():
@@ -209,7 +209,7 @@ def read_checkpoint(path: str | Path | ModelFolder) -> Checkpoint:
         )
     try:
         headers = [read_safetensors_header(p) for p in shards]
-        geometry = geometry_from_config(folder.config, _processor_settings(folder))
+        geometry = geometry_from_config(folder.config, processor_settings(folder))
     except (OSError, ValueError) as exc:
         raise ModelFolderError(
             f"cannot plan {folder.path}: {exc}", fix=f"run `vlmbridge doctor {folder.path}` for a diagnosis"

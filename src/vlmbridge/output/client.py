@@ -15,6 +15,7 @@ from typing import Any
 
 from vlmbridge.engine.base import Engine, RequestStream
 from vlmbridge.engine.types import EngineOutput, GenerationChunk, GenerationRequest
+from vlmbridge.output.counting import PromptCounter
 from vlmbridge.output.pipeline import OutputPipeline, TextTools
 
 __all__ = ["ChunkStream", "ModelClient", "load_text_tools"]
@@ -85,4 +86,5 @@ def load_text_tools(path: Path, trust_remote_code: Any) -> TextTools:
     from vlmbridge.remote_code import check_remote_code
 
     remote = check_remote_code(ModelFolder.open(path), trust_remote_code or {})
-    return TextTools(AutoTokenizer.from_pretrained(path, trust_remote_code=remote))
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+    return TextTools(tokenizer, PromptCounter.for_folder(path, tokenizer))

@@ -21,6 +21,7 @@ from vlmbridge.engine.types import (
     TokenLogprob,
     Usage,
 )
+from vlmbridge.output.counting import PromptCounter
 from vlmbridge.output.textstream import IncrementalDecoder, ReasoningSplitter, StopMatcher, TextDelta, token_text_table
 
 __all__ = ["OutputPipeline", "TextTools"]
@@ -28,9 +29,10 @@ __all__ = ["OutputPipeline", "TextTools"]
 
 @dataclass
 class TextTools:
-    """The tokenizer-backed pieces the pipeline needs, built once per model in the front."""
+    """The tokenizer-backed pieces the front needs, built once per model."""
 
     tokenizer: Any
+    counter: PromptCounter | None = None  # counts prompts without the backend (None: ask the backend)
 
     @cached_property
     def token_text(self) -> Callable[[int], tuple[str, tuple[int, ...]]]:

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlmbridge.errors import ModelNotFoundError
+from vlmbridge.errors import ContextLengthError, ModelNotFoundError
 from vlmbridge.server.convert import hold_images, to_generation_request
 from vlmbridge.server.jsonbody import StrictJSONRoute
 from vlmbridge.server.routes.chat import check_text_length
@@ -49,8 +49,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
         raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {name!r}")
     engine = vlm.slot.engine
     life = vlm.lifecycle
-    life.admit(vlm.settings, engine.queue_depth())  # counting decodes images and runs the processor: admit first
-    check_text_length(body.messages, engine.info.context_length, vlm.slot.client.tools.max_token_chars)
+    life.admit(vlm.settings, engine.queue_depth())  # images are fetched and their headers read: admit first
+    tools = vlm.slot.client.tools
+    check_text_length(body.messages, engine.info.context_length, tools.max_token_chars)
     # The chat route's own conversion: the same image loading, limits and pixel budgets, so the count matches.
     chat = ChatCompletionRequest.model_construct(
         model=name, messages=body.messages, max_pixels=body.max_pixels, min_pixels=body.min_pixels
@@ -58,10 +59,22 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     life.waiting += 1
     try:
         gen_request = await to_generation_request(chat, vlm.settings, vlm.load_image)
-        async with hold_images(vlm.pixel_gate, gen_request), vlm.prepare_slots:
-            stats = await asyncio.to_thread(engine.count_prompt, gen_request.messages)
+        async with vlm.prepare_slots:
+            if tools.counter is not None:  # the front's own count: no decoding, no processor, no engine time
+                stats = await asyncio.to_thread(tools.counter.count, gen_request.messages)
+            else:
+                async with hold_images(vlm.pixel_gate, gen_request):
+                    stats = await asyncio.to_thread(engine.count_prompt, gen_request.messages)
     finally:
         life.waiting -= 1
+    context = engine.info.context_length
+    if stats.prompt_tokens >= context:  # what generating would answer, so a counter can trust a 200
+        raise ContextLengthError(
+            f"the prompt is {stats.prompt_tokens} tokens ({stats.image_tokens} of them image tokens), but the context "
+            f"is {context}; send fewer or smaller images (lower max_pixels or detail: low) or less text",
+            param="messages",
+            code="context_length_exceeded",
+        )
     return JSONResponse(
         {
             "model": name,
