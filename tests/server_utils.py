@@ -54,7 +54,9 @@ class Server:
 
 @contextmanager
 def running(folder: Path, slot: EngineSlot | None = None, **settings: Any) -> Iterator[Server]:
-    cfg = Settings(served_model_name=MODEL, **settings)
+    """A real server on `folder`; its engine runs in-process unless `engine_worker="process"` is given (a worker
+    process per server would cost every test an interpreter start; tests/test_worker*.py use it)."""
+    cfg = Settings(served_model_name=MODEL, **{"engine_worker": "thread", **settings})
     slot = slot or build_slot(cfg, folder)
     with ServerThread(create_app(cfg, slot)) as base_url:
         slot.wait_loaded(120)

@@ -167,9 +167,11 @@ def test_an_unexpected_loop_failure_fails_the_requests_in_flight_and_the_loop_go
         original(self)
 
     monkeypatch.setattr(RunningBatch, "drop_finished", flaky)
-    streams = [generate(engine, request(rid)) for rid in PROMPTS]
-    for stream in streams:
-        assert_classified(list(stream)[-1], "engine_error")
+    prepared = [engine.prepare(request(rid)) for rid in PROMPTS]  # first, so all three are queued together
+    for stream in [engine.submit(p) for p in prepared]:
+        last = list(stream)[-1]  # the engine's own outputs: token ids, no text
+        assert last.finish_reason == "error" and isinstance(last.error, EngineFailedError)
+        assert last.error.code == "engine_error"
     assert failed.is_set()
     assert_serving(engine)
 

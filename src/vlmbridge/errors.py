@@ -22,7 +22,8 @@ or status codes.
     ├── QueueFullError          the server is at capacity (queue full, too many pixels in flight); retry later
     ├── RequestTimeoutError     a request ran past its deadline
     ├── EngineNotReadyError     the engine is loading, failed to load or is shutting down
-    │   └── ShuttingDownError   the server is draining before it stops
+    │   ├── ShuttingDownError   the server is draining before it stops
+    │   └── WorkerDiedError     the model's worker process died (or was stuck) while the request waited or ran
     └── EngineFailedError       the engine failed while working on the request (not the caller's fault)
 """
 
@@ -49,6 +50,7 @@ __all__ = [
     "UnsafeWeightsError",
     "UnsupportedModelError",
     "VlmbridgeError",
+    "WorkerDiedError",
 ]
 
 
@@ -157,6 +159,11 @@ class EngineNotReadyError(VlmbridgeError):
 
 class ShuttingDownError(EngineNotReadyError):
     """The server received SIGTERM/SIGINT and is draining: no new requests."""
+
+
+class WorkerDiedError(EngineNotReadyError):
+    """The model's worker process ended (out of memory, a native crash, kill -9) or stopped answering; it restarts
+    with backoff. Only the requests it held fail."""
 
 
 class EngineFailedError(VlmbridgeError):

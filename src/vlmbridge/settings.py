@@ -151,6 +151,11 @@ class ModelSettings(BaseModel):
         description="CPU threads for torch when serving on CPU; default: all cores but one, which the event "
         "loop keeps (a preempted torch thread stalls every parallel kernel).",
     )
+    engine_worker: Literal["process", "thread"] = Field(
+        "process",
+        description="process: the model's engine runs in its own worker process (a crash fails only its requests "
+        "and it restarts; unloading frees all its memory); thread: in the server's process (debugging, tests).",
+    )
     engine_stall_timeout: float = Field(
         120.0,
         ge=0,

@@ -60,7 +60,7 @@ def run_chat(
     from vlmbridge.output.client import ModelClient, load_text_tools
 
     decoded = [_read_image(p, i) for i, p in enumerate(images)]  # fail on a bad image before loading
-    model = settings.model_settings()
+    model = settings.model_settings().model_copy(update={"engine_worker": "thread"})  # one answer: no worker
     tools = load_text_tools(model_dir, model.trust_remote_code)
     engine = build_engine(model, model_dir, model.served_name(model_dir), progress=stage_printer())
     engine.start(warm_up=False)

@@ -26,7 +26,7 @@ from vlmbridge.engine.types import ChatMessage, EngineOutput, EngineStats, Gener
 
 __all__ = ["Engine", "EngineInfo", "EngineState", "PromptStats", "RequestStream"]
 
-EngineState = Literal["loading", "warming_up", "ready", "failed", "stopped"]
+EngineState = Literal["loading", "warming_up", "ready", "restarting", "failed", "stopped"]
 T = TypeVar("T")
 
 

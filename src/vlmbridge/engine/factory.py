@@ -18,8 +18,14 @@ __all__ = ["build_engine"]
 def build_engine(
     model: ModelSettings, path: Path, name: str, *, progress: Callable[[str], None] | None = None
 ) -> Engine:
-    """Load the folder at `path` as `model` says and wrap it in an engine that serves it as `name`. Not started:
-    call `start()`. `progress` hears each loading stage."""
+    """An engine serving the folder at `path` as `name`, configured by `model`. Not started: call `start()`.
+
+    With `engine_worker: process` (the default) the engine lives in a worker process and loads there when
+    started; with `thread` the folder loads here and now (`progress` hears each loading stage)."""
+    if model.engine_worker == "process":
+        from vlmbridge.engine.process import ProcessEngine
+
+        return ProcessEngine(model, path, name)
     from vlmbridge.engine.transformers.engine import EngineLimits, TransformersEngine
     from vlmbridge.loader import LoadOptions, load_model
 

@@ -187,3 +187,4 @@ class EngineStats:
     steps_after_cancel: int = 0
     max_batch_seen: int = 0
     caches: Mapping[str, CacheCounters] = field(default_factory=dict)
+    worker_pid: int | None = None  # the engine's worker process, when it has one

@@ -49,6 +49,21 @@ class DecodedImage:
         self._lock = threading.Lock()
         self._full: Any = None  # the full-size decode, kept once `image` was asked for
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Crossing to a worker process: the source bytes and what the header said; never decoded pixels.
+        return {
+            "data": self._data,
+            "format": self.format,
+            "size": self._size,
+            "param": self.param,
+            "digest": self.digest,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._data, self.format, self._size = state["data"], state["format"], tuple(state["size"])
+        self.param, self.digest = state["param"], state["digest"]
+        self._slots, self._lock, self._full = None, threading.Lock(), None
+
     def __repr__(self) -> str:
         w, h = self._size
         return f"DecodedImage({self.format} {w}×{h}, {self.digest[:12]})"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vlmbridge.engine.base import Engine
-from vlmbridge.errors import EngineNotReadyError, QueueFullError, ShuttingDownError, VlmbridgeError
+from vlmbridge.errors import EngineNotReadyError, QueueFullError, ShuttingDownError, VlmbridgeError, WorkerDiedError
 from vlmbridge.media.inflight import PixelGate
 from vlmbridge.output.client import ChunkStream, ModelClient
 from vlmbridge.output.pipeline import TextTools
@@ -89,6 +89,8 @@ class EngineSlot:
 
     @property
     def engine(self) -> Engine:
+        if self._engine is not None and self._engine.state == "restarting":
+            raise WorkerDiedError(f"model {self.name!r} is restarting: {self.reason}", code="worker_died")
         if self._engine is None or self._engine.state != "ready":
             raise EngineNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
         return self._engine

@@ -84,6 +84,7 @@ class PromptBuilder:
         self.image_token_id = self._token_id(image_token)  # the family's placeholder (see family.py)
         self.pixel_cache = PixelCache(pixel_cache_bytes) if processor is not None and pixel_cache_bytes > 0 else None
         self._pixels = ImagePixels(processor, self.pixel_cache, self.default_min_pixels)
+        self._template_vars = _template_variables(processor if processor is not None else tokenizer)
 
     @property
     def is_vlm(self) -> bool:
@@ -146,6 +147,10 @@ class PromptBuilder:
             raise InvalidRequestError(
                 f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs"
             )
+        # Only what the template reads (as vLLM does): other keys would reach the processor as its own options,
+        # and its warnings would write client-chosen text into the log.
+        if self._template_vars is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._template_vars}
         conv = self.template_messages(messages)
         parts = [p for m in messages for p in m.images]
         processed = self._pixels.process(parts) if self.processor is not None else []
@@ -210,3 +215,16 @@ def _runs(ids: list[int], token: int | None) -> list[tuple[int, int]]:
             runs.append((start, i))
             start = None
     return runs
+
+
+def _template_variables(owner: Any) -> frozenset[str] | None:
+    """The variables the chat template reads (None: unknown, pass everything)."""
+    template = getattr(owner, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    try:
+        from jinja2 import Environment, meta
+
+        return frozenset(meta.find_undeclared_variables(Environment().parse(template)))
+    except Exception:  # a template jinja2 cannot parse here fails later, with the caller's messages
+        return None

@@ -57,7 +57,9 @@ async def list_models(request: Request) -> JSONResponse:
 async def health(request: Request) -> JSONResponse:
     vlm: AppState = request.app.state.vlm
     engine = vlm.slot.peek()
-    loaded = _loaded(engine.info) if engine is not None else {}
+    loaded: dict[str, object] = {}
+    if engine is not None:
+        loaded = {**(_loaded(engine.info) if engine.state == "ready" else {}), "worker_pid": engine.stats().worker_pid}
     if vlm.lifecycle.draining:
         body = envelope("the server is shutting down", "service_unavailable", code="shutting_down")
         body.update(status="draining", model=vlm.slot.name, in_flight=vlm.lifecycle.in_flight)

@@ -1,0 +1,150 @@
+"""The worker process: one model's engine, driven over a pipe by the front's `ProcessEngine`.
+
+It ignores SIGINT/SIGTERM (the front drains, then stops it) and dies with its parent: a watchdog notices within
+half a second that the front is gone (even after kill -9). A thread beats every
+half second with the engine's state and stats, so a front can tell a busy worker from a stuck or dead one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlmbridge.engine.wire import encode_error, encode_output
+
+if TYPE_CHECKING:
+    from vlmbridge.engine.base import Engine, RequestStream
+    from vlmbridge.engine.types import EngineOutput
+
+__all__ = ["BEAT_SECONDS", "FAULTS_ENV", "worker_main"]
+
+BEAT_SECONDS = 0.5
+# Test-only: "STAGE" makes the engine's fault hook fail the first request it meets at that stage (sample, decode,
+# prefill), once. Never set outside tests.
+FAULTS_ENV = "VLMBRIDGE_TEST_FAULTS"
+
+
+def _die_with_parent(parent: int) -> None:
+    # Polling, not PR_SET_PDEATHSIG: the kernel sends that when the *thread* that started us ends (the front starts
+    # workers from short-lived loading threads), not when the front's process does.
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="vlmbridge-parent-watch", daemon=True).start()
+
+
+def _fault_hook(spec: str) -> Any:
+    stage, victims = spec, list[str]()
+
+    def hook(at: str, request_id: str) -> None:
+        if at != stage:
+            return
+        if not victims:
+            victims.append(request_id)
+        if request_id == victims[0]:
+            raise RuntimeError("injected fault")
+
+    return hook
+
+
+def worker_main(conn: Connection, parent: int) -> None:
+    """The worker process's entry point: the first message says what to load."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(parent)
+    lock = threading.Lock()
+    try:
+        _, model_json, path, name = conn.recv()
+    except (EOFError, OSError):
+        return
+
+    def send(message: tuple[Any, ...]) -> None:
+        with lock:
+            conn.send(message)
+
+    try:
+        from vlmbridge.engine.factory import build_engine
+        from vlmbridge.settings import ModelSettings
+
+        model = ModelSettings.model_validate_json(model_json).model_copy(update={"engine_worker": "thread"})
+        engine = build_engine(model, Path(path), name)
+        engine.start()
+        if spec := os.environ.get(FAULTS_ENV):  # after the warm-up: the fault is for a client's request
+            engine.fault_hook = _fault_hook(spec)  # type: ignore[attr-defined]
+    except BaseException as exc:  # the front reports why loading failed
+        send(("failed", encode_error(exc)))
+        return
+    send(("ready", engine.info))
+    _Worker(engine, send).serve(conn)
+
+
+class _Worker:
+    def __init__(self, engine: Engine, send: Any) -> None:
+        self.engine = engine
+        self.send = send
+        self.prepare = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmbridge-prepare")
+        self.stop = threading.Event()
+
+    def serve(self, conn: Connection) -> None:
+        threading.Thread(target=self._beat, name="vlmbridge-beat", daemon=True).start()
+        try:
+            while True:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):  # the front is gone
+                    break
+                kind = message[0]
+                if kind == "generate":
+                    self.prepare.submit(self._generate, message[1])
+                elif kind == "abort":
+                    self.engine.abort(message[1])
+                elif kind == "count":
+                    self.prepare.submit(self._count, message[1], message[2])
+                elif kind == "shutdown":
+                    break
+        finally:
+            self.stop.set()
+            self.engine.shutdown()
+            self.prepare.shutdown(wait=False, cancel_futures=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(BEAT_SECONDS):
+            e = self.engine
+            with contextlib.suppress(OSError, ValueError):
+                self.send(("beat", e.state, e.state_reason, e.stats()))
+
+    def _generate(self, request: Any) -> None:
+        rid = request.request_id
+        try:
+            stream = self.engine.generate(request)
+        except Exception as exc:  # a 4xx (context, images) or the engine refusing: the caller gets it as raised
+            self.send(("rejected", rid, encode_error(exc)))
+            return
+        self.send(("accepted", rid))
+        threading.Thread(target=self._forward, args=(rid, stream), name=f"vlmbridge-out-{rid[-8:]}").start()
+
+    def _forward(self, rid: str, stream: RequestStream[EngineOutput]) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the front went away: nothing to tell
+            for out in stream:
+                self.send(("out", rid, encode_output(out), out.finish_reason is not None))
+
+    def _count(self, call: int, messages: Any) -> None:
+        try:
+            result: Any = self.engine.count_prompt(messages)
+        except Exception as exc:
+            result = encode_error(exc)
+        self.send(("counted", call, result))
+
+
+if __name__ == "__main__":  # python -m vlmbridge.engine.worker FD PARENT_PID (started by ProcessEngine)
+    worker_main(Connection(int(sys.argv[1])), int(sys.argv[2]))

@@ -1,0 +1,165 @@
+"""Each model's engine in its own worker process: a worker that dies fails only its own requests, /health tells, it
+restarts with backoff, three quick crashes leave the model failed with the cause, and no worker outlives the front.
+The hardening bounds and fault injection hold through the process boundary too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import TinyFactory
+from tests.server_utils import MODEL, Server, data_url, image_message, running
+from vlmbridge.engine.worker import FAULTS_ENV
+
+IMAGE_TOKENS = 80
+
+
+def health(s: Server) -> dict[str, Any]:
+    return httpx.get(f"{s.base_url}/health", timeout=10).json()  # type: ignore[no-any-return]
+
+
+def until(check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # a worker restarting: bounded by the deadline
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def ask_image(s: Server) -> httpx.Response:
+    return s.post({"model": MODEL, "messages": image_message(data_url()), "max_tokens": 4})
+
+
+@pytest.fixture
+def server(tiny_model: TinyFactory) -> Iterator[Server]:
+    with running(tiny_model("qwen3_vl"), engine_worker="process") as s:
+        assert health(s)["status"] == "ok"
+        yield s
+
+
+def test_the_engine_runs_in_its_own_process_and_sees_the_image(server: Server) -> None:
+    pid = health(server)["worker_pid"]
+    assert pid and pid != os.getpid() and psutil.Process(pid).ppid() == os.getpid()
+    r = ask_image(server)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+
+
+def test_kill_9_mid_stream_ends_the_stream_with_worker_died_and_the_worker_comes_back(server: Server) -> None:
+    pid = health(server)["worker_pid"]
+
+    async def stream_then_kill() -> list[Any]:
+        body = {"model": MODEL, "messages": image_message(data_url()), "stream": True, "max_tokens": 5000,
+                "ignore_eos": True}  # fmt: skip
+        events: list[Any] = []
+        async with (
+            httpx.AsyncClient(base_url=server.base_url, timeout=60) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+                if len(events) == 5:  # tokens are flowing: the worker is mid-generation
+                    os.kill(pid, signal.SIGKILL)
+        return events
+
+    events = asyncio.run(stream_then_kill())
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "worker_died")
+    assert "SIGKILL" in error["message"]
+    # Not yet restarted: requests are refused with the same 503, the server itself is up and says so.
+    refused = ask_image(server)
+    if refused.status_code != 200:
+        assert refused.status_code == 503 and refused.json()["error"]["code"] in ("worker_died", "model_not_ready")
+    until(lambda: health(server)["status"] == "ok")
+    assert health(server)["worker_pid"] != pid
+    r = ask_image(server)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+
+
+def test_three_quick_crashes_leave_the_model_failed_with_the_cause(server: Server) -> None:
+    killed: set[int] = set()
+    for _ in range(3):
+        until(lambda: (pid := health(server).get("worker_pid")) is not None and pid not in killed)
+        pid = health(server)["worker_pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+        until(lambda: health(server)["status"] != "ok" or health(server)["worker_pid"] not in killed)
+    until(lambda: health(server)["status"] == "failed", timeout=30)
+    body = health(server)
+    assert "3 crashes" in body["error"]["message"] and "SIGKILL" in body["error"]["message"]
+    r = ask_image(server)
+    assert r.status_code == 503 and "crashes" in r.json()["error"]["message"]
+    time.sleep(5)  # the longest backoff: a failed model does not restart by itself
+    assert health(server)["status"] == "failed"
+
+
+def test_a_fault_in_one_request_fails_it_alone_through_the_worker(
+    tiny_model: TinyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "sample")  # the worker inherits it: its engine fails one request, once
+    with running(tiny_model("qwen3_vl"), engine_worker="process") as s:
+        first = s.post({"model": MODEL, "messages": image_message(data_url()), "max_tokens": 4})
+        assert first.status_code == 500 and first.json()["error"]["code"] == "sampling_failed"
+        assert health(s)["status"] == "ok"
+        r = ask_image(s)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+
+
+def test_sampling_extremes_and_huge_text_through_the_worker(server: Server) -> None:
+    extreme = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+               "repetition_penalty": 0.01, "temperature": 2.0, "presence_penalty": -2.0}  # fmt: skip
+    r = server.post(extreme)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    huge = {"model": MODEL, "messages": [{"role": "user", "content": "a" * 20_000_000}]}
+    r = server.post(huge)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert ask_image(server).status_code == 200 and health(server)["status"] == "ok"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_no_worker_outlives_a_kill_9_of_the_front(tiny_model: TinyFactory, tmp_path: Path) -> None:
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    front = subprocess.Popen(
+        [sys.executable, "-m", "vlmbridge", "serve", str(tiny_model("qwen3_vl")), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        until(ready, timeout=120)
+        worker = httpx.get(f"{base}/health").json()["worker_pid"]
+        assert psutil.Process(worker).ppid() == front.pid
+        front.send_signal(signal.SIGKILL)
+        front.wait(10)
+        until(lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE, 10)
+    finally:
+        if front.poll() is None:
+            front.kill()
+        log.close()
