@@ -7,13 +7,12 @@ It runs as ASGI middleware, before any route reads the body: an unauthenticated 
 from __future__ import annotations
 
 import hmac
-import json
 
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vlmbridge.errors import AuthenticationError
-from vlmbridge.server.errors import error_body
+from vlmbridge.server.errors import error_body, send_error
 
 __all__ = ["AuthMiddleware", "check_api_key"]
 
@@ -55,20 +54,6 @@ class AuthMiddleware:
         try:
             check_api_key(header, self.keys)
         except AuthenticationError as exc:
-            body = json.dumps(error_body(exc)).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"www-authenticate", b"Bearer"),
-                        # The body was never read: the connection cannot carry another request.
-                        (b"connection", b"close"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, 401, error_body(exc), (b"www-authenticate", b"Bearer"))
             return
         await self.app(scope, receive, send)

@@ -40,6 +40,7 @@ __all__ = [
     "error_body",
     "install_error_handlers",
     "retry_after",
+    "send_error",
     "status_for",
 ]
 
@@ -82,6 +83,25 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 
 def envelope(message: str, err_type: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+async def send_error(send: Send, status: int, body: dict[str, Any], *headers: tuple[bytes, bytes]) -> None:
+    """Answer straight from ASGI middleware (before any route, or instead of one) with an error envelope. The
+    connection is closed: the request's body may not have been read, so it cannot carry another request."""
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                (b"connection", b"close"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
 
 
 def retry_after(exc: BaseException) -> str | None:
@@ -143,25 +163,8 @@ class InternalErrors:
             )
             if started:  # a response is under way: all we can do is end it (uvicorn closes the connection)
                 return
-            body = json.dumps(
-                envelope(
-                    f"internal server error (request id {request_id}); see the server log",
-                    "internal_error",
-                    code="internal_error",
-                )
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            message = f"internal server error (request id {request_id}); see the server log"
+            await send_error(send, 500, envelope(message, "internal_error", code="internal_error"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

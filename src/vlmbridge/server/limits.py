@@ -4,14 +4,13 @@ but /health and /metrics while the server drains."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlmbridge.errors import ShuttingDownError
 from vlmbridge.memtrim import release_memory
-from vlmbridge.server.errors import envelope, error_body
+from vlmbridge.server.errors import envelope, error_body, send_error
 from vlmbridge.server.state import Lifecycle
 
 __all__ = ["LARGE_REQUEST_BYTES", "BodySizeLimit", "DrainGate"]
@@ -33,10 +32,7 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            body = json.dumps(envelope(self._message(), "invalid_request_error", code="payload_too_large")).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 413, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, 413, envelope(self._message(), "invalid_request_error", code="payload_too_large"))
             return
         seen = 0
 
@@ -75,12 +71,4 @@ class DrainGate:
             await self.app(scope, receive, send)
             return
         error = ShuttingDownError("the server is shutting down; retry on another replica", code="shutting_down")
-        body = json.dumps(error_body(error)).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", b"1"),
-            (b"connection", b"close"),
-        ]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 503, error_body(error), (b"retry-after", b"1"))

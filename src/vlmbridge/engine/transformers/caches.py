@@ -12,12 +12,13 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 __all__ = ["CacheStats", "EncoderCache", "PixelCache", "PrefixCache", "PrefixHit", "ProcessedPixels", "prompt_keys"]
 
+V = TypeVar("V")
 BLOCK = 16  # prefix lookups walk hashed blocks of this many positions, then compare the rest one by one
 
 
@@ -138,45 +139,61 @@ class PrefixCache:
         self.stats.entries = len(self._entries)
 
 
-@dataclass
-class _Features:
-    parts: dict[str, Any]  # field name -> tensor, or list of tensors for per-layer fields (deepstack)
-    nbytes: int
+class _LruByBytes(Generic[V]):
+    """Items by image key, least recently used first out when a new one would pass the byte budget; an item
+    larger than the whole budget is not kept. Prompts are built on several threads at once, hence the lock."""
 
-
-class EncoderCache:
-    """Vision-encoder outputs per image key (pixel digest + budget)."""
-
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, size: Callable[[V], int]) -> None:
         self.budget = budget_bytes
         self.stats = CacheStats()
-        self._items: OrderedDict[str, _Features] = OrderedDict()
+        self._size = size
+        self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
-        self._items.clear()
-        self.stats = CacheStats()
+        with self._lock:
+            self._items.clear()
+            self.stats = CacheStats()
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        item = self._items.get(key)
-        if item is None:
-            self.stats.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.stats.hits += 1
-        return item.parts
+    def __contains__(self, key: object) -> bool:  # a peek: no stats, no LRU move
+        with self._lock:
+            return key in self._items
 
-    def put(self, key: str, parts: dict[str, Any]) -> None:
-        tensors = [t for v in parts.values() for t in (v if isinstance(v, list) else [v])]
-        nbytes = sum(int(t.numel() * t.element_size()) for t in tensors)
-        if nbytes > self.budget or key in self._items:
-            return
-        while self._items and self.stats.bytes + nbytes > self.budget:
-            _, dropped = self._items.popitem(last=False)
-            self.stats.bytes -= dropped.nbytes
-            self.stats.evictions += 1
-        self._items[key] = _Features(parts=parts, nbytes=nbytes)
-        self.stats.bytes += nbytes
-        self.stats.entries = len(self._items)
+    def get(self, key: str) -> V | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                self.stats.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.stats.hits += 1
+            return found[0]
+
+    def put(self, key: str, item: V) -> None:
+        nbytes = self._size(item)
+        with self._lock:
+            if nbytes > self.budget or key in self._items:
+                return
+            while self._items and self.stats.bytes + nbytes > self.budget:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.stats.bytes -= dropped
+                self.stats.evictions += 1
+            self._items[key] = (item, nbytes)
+            self.stats.bytes += nbytes
+            self.stats.entries = len(self._items)
+
+
+def _feature_bytes(parts: dict[str, Any]) -> int:
+    # field name -> tensor, or a list of tensors for per-layer fields (deepstack)
+    tensors = [t for v in parts.values() for t in (v if isinstance(v, list) else [v])]
+    return sum(int(t.numel() * t.element_size()) for t in tensors)
+
+
+class EncoderCache(_LruByBytes[dict[str, Any]]):
+    """Vision-encoder outputs per image key (digest of the bytes + budget)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        super().__init__(budget_bytes, _feature_bytes)
 
 
 @dataclass(frozen=True)
@@ -191,44 +208,9 @@ class ProcessedPixels:
         return sum(int(t.numel() * t.element_size()) for t in (self.pixel_values, self.image_grid_thw))
 
 
-class PixelCache:
+class PixelCache(_LruByBytes[ProcessedPixels]):
     """Processed pixels per image key (digest of the bytes + budget): a follow-up turn that resends a picture skips
-    decoding it and the image processor. Prompts are built on several threads at once, hence the lock."""
+    decoding it and the image processor."""
 
     def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.stats = CacheStats()
-        self._items: OrderedDict[str, ProcessedPixels] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.stats = CacheStats()
-
-    def __contains__(self, key: object) -> bool:  # a peek: no stats, no LRU move
-        with self._lock:
-            return key in self._items
-
-    def get(self, key: str) -> ProcessedPixels | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.stats.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.stats.hits += 1
-            return item
-
-    def put(self, key: str, item: ProcessedPixels) -> None:
-        nbytes = item.nbytes
-        with self._lock:
-            if nbytes > self.budget or key in self._items:
-                return
-            while self._items and self.stats.bytes + nbytes > self.budget:
-                _, dropped = self._items.popitem(last=False)
-                self.stats.bytes -= dropped.nbytes
-                self.stats.evictions += 1
-            self._items[key] = item
-            self.stats.bytes += nbytes
-            self.stats.entries = len(self._items)
+        super().__init__(budget_bytes, lambda item: item.nbytes)
