@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -59,8 +59,11 @@ class RequestStream(Generic[T]):
 
     _END = object()
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, *, forward: Callable[[T, bool], None] | None = None) -> None:
+        """`forward(item, last)` makes this a pass-through: every push goes straight to it (a worker process
+        sends outputs to the front this way, from the engine's own thread) and nothing is queued to read."""
         self.request_id = request_id
+        self._forward = forward
         self._items: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,6 +72,9 @@ class RequestStream(Generic[T]):
 
     # --- producer side -----------------------------------------------------------------------------------
     def push(self, item: T, *, last: bool = False) -> None:
+        if self._forward is not None:
+            self._forward(item, last)
+            return
         self._items.put(item)
         if last:
             self._items.put(self._END)
@@ -138,9 +144,12 @@ class Engine(Protocol):
     def start(self, *, warm_up: bool = True) -> None:
         """Start working and (by default) run one real generation before accepting requests. Blocking."""
 
-    def generate(self, request: GenerationRequest) -> RequestStream[EngineOutput]:
-        """Template, tokenize and process the request, then queue it. Blocking CPU work: call it off the event
-        loop. Raises 4xx errors (context, images), QueueFullError and EngineNotReadyError."""
+    def generate(
+        self, request: GenerationRequest, stream: RequestStream[EngineOutput] | None = None
+    ) -> RequestStream[EngineOutput]:
+        """Template, tokenize and process the request, then queue it; its outputs go to `stream` (default: a new
+        one, returned). Blocking CPU work: call it off the event loop. Raises 4xx errors (context, images),
+        QueueFullError and EngineNotReadyError."""
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step boundary; its stream ends with finish_reason "abort". Idempotent."""

@@ -103,11 +103,13 @@ class ProcessEngine:
         if error is not None:
             raise error
 
-    def generate(self, request: GenerationRequest) -> RequestStream[EngineOutput]:
+    def generate(
+        self, request: GenerationRequest, stream: RequestStream[EngineOutput] | None = None
+    ) -> RequestStream[EngineOutput]:
         if self._state != "ready":
             raise EngineNotReadyError(f"model {self._name!r} is not ready: {self._reason}")
         rid = request.request_id
-        stream: RequestStream[EngineOutput] = RequestStream(rid)
+        stream = stream if stream is not None else RequestStream(rid)
         answer: Future[None] = Future()
         with self._lock:
             self._streams[rid] = stream

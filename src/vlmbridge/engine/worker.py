@@ -18,10 +18,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlmbridge.engine.base import RequestStream
 from vlmbridge.engine.wire import encode_error, encode_output
 
 if TYPE_CHECKING:
-    from vlmbridge.engine.base import Engine, RequestStream
+    from vlmbridge.engine.base import Engine
     from vlmbridge.engine.types import EngineOutput
 
 __all__ = ["BEAT_SECONDS", "FAULTS_ENV", "worker_main"]
@@ -125,18 +126,21 @@ class _Worker:
 
     def _generate(self, request: Any) -> None:
         rid = request.request_id
+        accepted = threading.Event()
+
+        def forward(out: EngineOutput, last: bool) -> None:
+            # Straight from the engine's thread: no thread hop per token. The acceptance goes first.
+            accepted.wait(30)
+            with contextlib.suppress(OSError, ValueError):  # the front went away: nothing to tell
+                self.send(("out", rid, encode_output(out), last))
+
         try:
-            stream = self.engine.generate(request)
+            self.engine.generate(request, stream=RequestStream(rid, forward=forward))
         except Exception as exc:  # a 4xx (context, images) or the engine refusing: the caller gets it as raised
             self.send(("rejected", rid, encode_error(exc)))
             return
         self.send(("accepted", rid))
-        threading.Thread(target=self._forward, args=(rid, stream), name=f"vlmbridge-out-{rid[-8:]}").start()
-
-    def _forward(self, rid: str, stream: RequestStream[EngineOutput]) -> None:
-        with contextlib.suppress(OSError, ValueError):  # the front went away: nothing to tell
-            for out in stream:
-                self.send(("out", rid, encode_output(out), out.finish_reason is not None))
+        accepted.set()
 
     def _count(self, call: int, messages: Any) -> None:
         try:

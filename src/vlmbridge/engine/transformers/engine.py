@@ -312,12 +312,18 @@ class TransformersEngine:
             request = replace(request, request_id=f"req-{next(self._ids)}")
         return PreparedRequest(request=request, inputs=inputs, max_new_tokens=wanted)
 
-    def submit(self, prepared: PreparedRequest, *, warm_up: bool = False) -> RequestStream[EngineOutput]:
+    def submit(
+        self,
+        prepared: PreparedRequest,
+        *,
+        warm_up: bool = False,
+        stream: RequestStream[EngineOutput] | None = None,
+    ) -> RequestStream[EngineOutput]:
         if not warm_up and self.state != "ready":
             raise EngineNotReadyError(f"model is not ready: {self.state_reason}")
         if self._closed is not None:
             raise self._closed
-        stream: RequestStream[EngineOutput] = RequestStream(prepared.request.request_id)
+        stream = stream if stream is not None else RequestStream(prepared.request.request_id)
         try:
             self._queue.put_nowait(_Queued(prepared, stream))
         except queue.Full:
@@ -327,8 +333,10 @@ class TransformersEngine:
             self._drain_queue(self._closed)
         return stream
 
-    def generate(self, request: GenerationRequest) -> RequestStream[EngineOutput]:
-        return self.submit(self.prepare(request))
+    def generate(
+        self, request: GenerationRequest, stream: RequestStream[EngineOutput] | None = None
+    ) -> RequestStream[EngineOutput]:
+        return self.submit(self.prepare(request), stream=stream)
 
     def abort(self, request_id: str) -> None:
         with self._abort_lock:
