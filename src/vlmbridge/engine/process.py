@@ -57,7 +57,6 @@ class ProcessEngine:
         self._path = str(path)
         self._name = name
         self._beat_timeout = beat_timeout
-        self._stall = model.engine_stall_timeout
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None

@@ -111,13 +111,17 @@ def _parts(messages: tuple[ChatMessage, ...]) -> list[ImagePart]:
     return [p for m in messages for p in m.images]
 
 
+def _decoded_pixels(parts: list[ImagePart]) -> int:
+    return sum(p.image.decoded_pixels(p.budget.max_pixels) for p in parts)
+
+
 def request_pixels(request: GenerationRequest) -> int:
     """Pixels decoding this request's images may take at once (from their headers; JPEGs decode reduced)."""
-    return sum(p.image.decoded_pixels(p.budget.max_pixels) for p in _parts(request.messages))
+    return _decoded_pixels(_parts(request.messages))
 
 
 def _check_request_pixels(parts: list[ImagePart], settings: Settings) -> None:
-    total = sum(p.image.decoded_pixels(p.budget.max_pixels) for p in parts)
+    total = _decoded_pixels(parts)
     limit = min(request_limit(settings.max_pixels), in_flight_limit(settings))
     if total > limit:
         raise ImageInputError(
@@ -133,4 +137,4 @@ def hold_images(gate: PixelGate, request: GenerationRequest) -> PixelReservation
     it). Hold it across the engine's preparation; leaving it drops the decoded pixels and gives the room back.
     Images the backend has cached processed are never decoded: reserving them too errs on the safe side."""
     parts = _parts(request.messages)
-    return gate.hold(sum(p.image.decoded_pixels(p.budget.max_pixels) for p in parts), [p.image for p in parts])
+    return gate.hold(_decoded_pixels(parts), [p.image for p in parts])

@@ -155,10 +155,6 @@ class _LruByBytes(Generic[V]):
             self._items.clear()
             self.stats = CacheStats()
 
-    def __contains__(self, key: object) -> bool:  # a peek: no stats, no LRU move
-        with self._lock:
-            return key in self._items
-
     def get(self, key: str) -> V | None:
         with self._lock:
             found = self._items.get(key)

@@ -44,7 +44,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     client = vlm.slot.client
     check_text_length(body.messages, engine.info.context_length, client.tools.max_token_chars)
     life.in_flight += 1
-    handed_over = False
     try:
         life.waiting += 1
         try:
@@ -54,33 +53,31 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 stream = await asyncio.to_thread(client.generate, gen_request)
         finally:
             life.waiting -= 1
-        completion = Completion(
-            id=gen_request.request_id,
-            model=vlm.slot.name,
-            created=int(time.time()),
-            want_logprobs=body.logprobs,
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            usage_on_finish=vlm.settings.stream_usage == "always",
-        )
-        life.streams.add(stream)
+    except BaseException:
+        life.in_flight -= 1
+        raise
+    life.streams.add(stream)
 
-        def done() -> None:
-            life.streams.discard(stream)
-            stream.close()  # no-op when finished; stops generation when the client went away
-            life.in_flight -= 1
+    def done() -> None:  # however the request ends: a stream's response runs it, even if the client left early
+        life.streams.discard(stream)
+        stream.close()  # no-op when finished; stops generation when the client went away
+        life.in_flight -= 1
 
-        if body.stream:
-            handed_over = True  # the response owns the request from here, and runs done() however it ends
-            return _EventStream(_events(vlm, stream, completion, arrived, deadline), done)
-        try:
-            await _collect(vlm, request, stream, completion, arrived, deadline)
-        finally:
-            handed_over = True
-            done()
-        return JSONResponse(completion.response())
+    completion = Completion(
+        id=gen_request.request_id,
+        model=vlm.slot.name,
+        created=int(time.time()),
+        want_logprobs=body.logprobs,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        usage_on_finish=vlm.settings.stream_usage == "always",
+    )
+    if body.stream:
+        return _EventStream(_events(vlm, stream, completion, arrived, deadline), done)
+    try:
+        await _collect(vlm, request, stream, completion, arrived, deadline)
     finally:
-        if not handed_over:
-            life.in_flight -= 1
+        done()
+    return JSONResponse(completion.response())
 
 
 class _EventStream(StreamingResponse):
@@ -195,5 +192,3 @@ async def _events(
         log.error("%s: internal error mid-stream: %s", completion.id, bounded_traceback(exc))
         yield sse(error_body(exc))
         yield DONE
-    finally:
-        stream.close()  # no-op when finished; stops generation when the client disconnected
