@@ -61,7 +61,8 @@ def healthy(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_model: TinyFactory) -> Any:
-    with running(tiny_model("qwen3_vl")) as srv:
+    # Caches off: what they keep by design (up to their budgets) is not memory a request failed to give back.
+    with running(tiny_model("qwen3_vl"), pixel_cache_mb=0, encoder_cache_mb=0, prefix_cache_mb=0) as srv:
         healthy(srv)  # imports, the processor's first call and the model's buffers before anything is measured
         yield srv
 
