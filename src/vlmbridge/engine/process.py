@@ -217,13 +217,11 @@ class ProcessEngine:
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "out":
-            _, rid, item, last = message
-            stream = self._streams.get(rid)
-            if stream is not None:
-                stream.push(decode_output(item), last=last)
-                if last:
-                    self._streams.pop(rid, None)
+        if kind == "outs":  # one engine step's outputs
+            for rid, item, last in message[1]:
+                self._deliver(rid, item, last)
+        elif kind == "out":
+            self._deliver(*message[1:])
         elif kind == "beat":
             _, state, reason, stats = message
             self._last_beat = time.monotonic()
@@ -243,6 +241,7 @@ class ProcessEngine:
                 call.set_result(message[2])
         elif kind == "ready":
             self._info = message[1]
+            self._last_beat = time.monotonic()  # beats start now: a long load is not silence
             self._state, self._reason = "ready", "ready"  # earlier crashes still count within their window
             self._resolve_ready(None)
         elif kind == "failed":
@@ -250,6 +249,13 @@ class ProcessEngine:
             self._state, self._reason = "failed", f"loading failed: {error}"
             self._stopping.set()  # a folder that does not load will not load on a restart either
             self._resolve_ready(error)
+
+    def _deliver(self, rid: str, item: Any, last: bool) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            stream.push(decode_output(item), last=last)
+            if last:
+                self._streams.pop(rid, None)
 
     def _resolve_ready(self, error: Exception | None) -> None:
         if not self._ready.done():

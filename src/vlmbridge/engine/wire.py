@@ -4,7 +4,8 @@ Messages are plain tuples (pickled by multiprocessing), first element the kind:
 
     front → worker   ("generate", request) ("abort", request_id) ("count", call_id, messages) ("shutdown",)
     worker → front   ("ready", info) ("failed", error) ("accepted", request_id) ("rejected", request_id, error)
-                     ("out", request_id, output, last) ("counted", call_id, stats | error)
+                     ("out", request_id, output, last) ("outs", [(request_id, output, last), ...])
+                     ("counted", call_id, stats | error)
                      ("beat", state, reason, stats)
 
 Exceptions do not pickle reliably (keyword-only arguments, classes that carry tensors), so errors travel as

@@ -95,6 +95,12 @@ class _Worker:
         self.send = send
         self.prepare = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmbridge-prepare")
         self.stop = threading.Event()
+        # Outputs made during one engine step, sent as one message when the step ends (engines that announce
+        # their steps; others send each output as it comes).
+        self._step: list[tuple[threading.Event, str, EngineOutput, bool]] = []
+        self._stepper: int | None = None  # the thread that runs the engine's steps, learned from its first one
+        if hasattr(engine, "step_done"):
+            engine.step_done = self._flush
 
     def serve(self, conn: Connection) -> None:
         threading.Thread(target=self._beat, name="vlmbridge-beat", daemon=True).start()
@@ -129,7 +135,11 @@ class _Worker:
         accepted = threading.Event()
 
         def forward(out: EngineOutput, last: bool) -> None:
-            # Straight from the engine's thread: no thread hop per token. The acceptance goes first.
+            # From the engine's thread, no thread hop per token: kept until its step ends, or sent now when
+            # pushed elsewhere. The acceptance goes first either way.
+            if threading.get_ident() == self._stepper:
+                self._step.append((accepted, rid, out, last))
+                return
             accepted.wait(30)
             with contextlib.suppress(OSError, ValueError):  # the front went away: nothing to tell
                 self.send(("out", rid, encode_output(out), last))
@@ -141,6 +151,17 @@ class _Worker:
             return
         self.send(("accepted", rid))
         accepted.set()
+
+    def _flush(self) -> None:
+        """The engine finished a step: its outputs go to the front as one message."""
+        self._stepper = threading.get_ident()
+        if not self._step:
+            return
+        step, self._step = self._step, []
+        for accepted, _, _, _ in step:
+            accepted.wait(30)
+        with contextlib.suppress(OSError, ValueError):
+            self.send(("outs", [(rid, encode_output(out), last) for _, rid, out, last in step]))
 
     def _count(self, call: int, messages: Any) -> None:
         try:

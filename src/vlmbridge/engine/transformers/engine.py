@@ -200,6 +200,9 @@ class TransformersEngine:
         self._abort_lock = threading.Lock()
         self.counters = EngineCounters()
         self.fault_hook = fault_hook
+        # Called on the engine's thread after every loop iteration: a worker process sends that step's outputs
+        # to the front as one message instead of one per request.
+        self.step_done: Callable[[], None] | None = None
 
     # --- Engine interface -------------------------------------------------------------------------------
     @property
@@ -399,6 +402,7 @@ class TransformersEngine:
             log.debug("traceback of the failure above", exc_info=exc)
         finally:
             self._close()
+            self._end_step()  # what closing answered goes out too
 
     def _serve(self) -> None:
         import torch
@@ -411,6 +415,8 @@ class TransformersEngine:
                 except Exception as exc:
                     self._recover(exc)
                     continue
+                finally:
+                    self._end_step()
                 if self._faults:
                     self._faults, self._last_fault = 0, ""
 
@@ -429,6 +435,13 @@ class TransformersEngine:
         if self._batch:
             self._threads(self.limits.decode_threads)
             self._decode_step()
+
+    def _end_step(self) -> None:
+        if self.step_done is not None:
+            try:
+                self.step_done()
+            except Exception:  # the listener's own problem (a front that went away): the engine goes on
+                log.debug("step listener failed", exc_info=True)
 
     def _recover(self, exc: Exception) -> None:
         """A failure outside any one request's step: fail what is in flight and go on with an empty batch."""
