@@ -14,6 +14,7 @@ or status codes.
     ├── ModelLoadError          transformers failed while loading; carries the classified cause
     ├── InvalidRequestError     bad input from a caller (carries `param`)
     │   ├── ImageInputError     undecodable image, refused URL, over a size/pixel/count limit
+    │   ├── VideoInputError     undecodable video, codec/container not allowed, over a duration/frame/size limit
     │   └── ContextLengthError  prompt (image tokens included) longer than the context
     ├── NotSupportedError       a feature that is planned but not implemented (carries `param`)
     ├── ModelNotFoundError      a request named a model this server does not serve
@@ -49,6 +50,7 @@ __all__ = [
     "ShuttingDownError",
     "UnsafeWeightsError",
     "UnsupportedModelError",
+    "VideoInputError",
     "VlmbridgeError",
     "WorkerDiedError",
 ]
@@ -110,6 +112,10 @@ class InvalidRequestError(VlmbridgeError):
 
 class ImageInputError(InvalidRequestError):
     """An image could not be fetched, decoded or fitted within the limits."""
+
+
+class VideoInputError(InvalidRequestError):
+    """A video (file or frame list) could not be fetched, decoded or fitted within the limits."""
 
 
 class ContextLengthError(InvalidRequestError):
