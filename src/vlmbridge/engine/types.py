@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlmbridge.media.decode import DecodedImage
+from vlmbridge.media.framelist import FrameListVideo
+from vlmbridge.media.video import DecodedVideo, VideoFrames, VideoSampling
 
 __all__ = [
     "CacheCounters",
@@ -25,6 +27,7 @@ __all__ = [
     "TokenChoice",
     "TokenLogprob",
     "Usage",
+    "VideoPart",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -50,7 +53,21 @@ class ImagePart:
     budget: PixelBudget
 
 
-Content = str | tuple[TextPart | ImagePart, ...]
+@dataclass(frozen=True)
+class VideoPart:
+    """A clip (a checked file, or a list of pictures) and how to sample it: frames at `sampling.fps`, at most
+    `sampling.max_frames`, each within `budget` pixels. Backend-neutral: `frames()` gives the decoded RGB frames
+    with their timestamps and the source rate, what any engine (transformers, vLLM) passes on with its metadata."""
+
+    video: DecodedVideo | FrameListVideo
+    sampling: VideoSampling
+    budget: PixelBudget
+
+    def frames(self) -> VideoFrames:
+        return self.video.frames(self.sampling)
+
+
+Content = str | tuple[TextPart | ImagePart | VideoPart, ...]
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,12 @@ class ChatMessage:
         if isinstance(self.content, str):
             return ()
         return tuple(p for p in self.content if isinstance(p, ImagePart))
+
+    @property
+    def videos(self) -> tuple[VideoPart, ...]:
+        if isinstance(self.content, str):
+            return ()
+        return tuple(p for p in self.content if isinstance(p, VideoPart))
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,7 @@ class Usage:
     completion_tokens: int
     image_tokens: int = 0
     cached_tokens: int = 0
+    video_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -151,6 +175,7 @@ class PromptInfo:
     image_tokens: int = 0
     cached_tokens: int = 0
     reasoning_open: bool = False  # the template opened a <think> block that the answer starts inside
+    video_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class OutputPipeline:
 
     def usage(self) -> Usage:
         p = self.prompt
-        return Usage(p.prompt_tokens, self.completion_tokens, p.image_tokens, p.cached_tokens)
+        return Usage(p.prompt_tokens, self.completion_tokens, p.image_tokens, p.cached_tokens, p.video_tokens)
 
     def feed(self, out: EngineOutput) -> GenerationChunk | None:
         if self.finished is not None:

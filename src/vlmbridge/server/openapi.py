@@ -58,6 +58,7 @@ _USAGE: Schema = {
             "properties": {
                 "cached_tokens": {"type": "integer", "minimum": 0},
                 "image_tokens": {"type": "integer", "minimum": 0},
+                "video_tokens": {"type": "integer", "minimum": 0},
             },
         },
     },

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vlmbridge.engine.transformers import kv
-from vlmbridge.engine.transformers.family import IMAGE_INPUTS
+from vlmbridge.engine.transformers.family import IMAGE_INPUTS, VIDEO_INPUTS
 from vlmbridge.engine.transformers.prompt import ModelInputs
 from vlmbridge.engine.transformers.sequence import Sequence
 from vlmbridge.errors import EngineFailedError
@@ -43,7 +43,7 @@ def pack_prompts(inputs: list[ModelInputs], pad_id: int, device: Any) -> dict[st
         packed["mm_token_type_ids"] = torch.stack(mm_types).to(device)
     # The model scatters image features into placeholder positions in row-major order: concatenating each
     # prompt's patches in row order keeps every image with its own prompt.
-    for key in IMAGE_INPUTS:
+    for key in (*IMAGE_INPUTS, *VIDEO_INPUTS):
         parts = [i.tensors[key] for i in inputs if key in i.tensors]
         if parts:
             packed[key] = torch.cat(parts, dim=0).to(device)
@@ -60,12 +60,14 @@ def prefill_positions(packed: dict[str, Any], rope_index: RopeIndex | None) -> t
     if rope_index is None:
         return text_pos, lengths, list(lengths)
     ids = packed["input_ids"]
+    extra = {"second_per_grid_ts": packed["second_per_grid_ts"]} if "second_per_grid_ts" in packed else {}
     rope, deltas = rope_index(
         ids,
         mm_token_type_ids=packed.get("mm_token_type_ids", torch.zeros_like(ids)),
         image_grid_thw=packed.get("image_grid_thw"),
         video_grid_thw=packed.get("video_grid_thw"),
         attention_mask=mask,
+        **extra,
     )
     rope_next = [n + int(d) for n, d in zip(lengths, deltas.reshape(-1).tolist(), strict=True)]
     return torch.cat([text_pos[None], rope], dim=0), lengths, rope_next

@@ -204,9 +204,9 @@ class ProcessedPixels:
         return sum(int(t.numel() * t.element_size()) for t in (self.pixel_values, self.image_grid_thw))
 
 
-class PixelCache(_LruByBytes[ProcessedPixels]):
+class PixelCache(_LruByBytes[Any]):
     """Processed pixels per image key (digest of the bytes + budget): a follow-up turn that resends a picture skips
-    decoding it and the image processor."""
+    decoding it and the image processor. Clips (`videos.ProcessedVideo`, keys `video:…`) share it and its budget."""
 
     def __init__(self, budget_bytes: int) -> None:
         super().__init__(budget_bytes, lambda item: item.nbytes)

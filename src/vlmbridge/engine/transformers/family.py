@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["IMAGE_INPUTS", "FamilyAdapter", "adapter_for"]
+__all__ = ["IMAGE_INPUTS", "VIDEO_INPUTS", "FamilyAdapter", "adapter_for"]
 
 IMAGE_INPUTS = ("pixel_values", "image_grid_thw")  # what the Qwen-VL processors hand the vision tower
+# ... for clips; Qwen2.5-VL adds the seconds per temporal patch, which its M-RoPE positions scale by
+VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class FamilyAdapter:
         return model.model
 
     def split_features(self, out: Any, count: int) -> list[dict[str, Any]]:
-        """The vision tower's output for `count` images as one entry per image (cacheable on its own)."""
+        """The vision tower's output for `count` images (or clips) as one entry each (cacheable on its own)."""
         deepstack = getattr(out, "deepstack_features", None) if self.deepstack else None
         items: list[dict[str, Any]] = []
         for j in range(count):

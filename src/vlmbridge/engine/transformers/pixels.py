@@ -65,21 +65,24 @@ class ImagePixels:
     def process(self, parts: Sequence[ImagePart]) -> list[ProcessedPixels]:
         return [self._one(part) for part in parts]
 
-    def processor_for(self, processed: Sequence[ProcessedPixels]) -> Any:
-        """A shallow copy of the processor that takes `processed` as its image processor's output (per call, so
-        concurrent prompts on other threads are untouched)."""
+    def processor_for(self, processed: Sequence[ProcessedPixels], videos: dict[str, Any] | None = None) -> Any:
+        """A shallow copy of the processor that takes `processed` as its image processor's output, and `videos` as
+        its video processor's (per call, so concurrent prompts on other threads are untouched)."""
         import torch
 
-        if not processed:
+        if not processed and not videos:
             return self.processor
-        values = [p.pixel_values for p in processed]
-        grids = [p.image_grid_thw for p in processed]
-        outputs = {
-            "pixel_values": values[0] if len(values) == 1 else torch.cat(values),
-            "image_grid_thw": grids[0] if len(grids) == 1 else torch.cat(grids),
-        }
         proxy = copy.copy(self.processor)
-        proxy.image_processor = _Precomputed(self.processor.image_processor, outputs)
+        if processed:
+            values = [p.pixel_values for p in processed]
+            grids = [p.image_grid_thw for p in processed]
+            outputs = {
+                "pixel_values": values[0] if len(values) == 1 else torch.cat(values),
+                "image_grid_thw": grids[0] if len(grids) == 1 else torch.cat(grids),
+            }
+            proxy.image_processor = _Precomputed(self.processor.image_processor, outputs)
+        if videos:
+            proxy.video_processor = _Precomputed(self.processor.video_processor, videos)
         return proxy
 
     def _one(self, part: ImagePart) -> ProcessedPixels:

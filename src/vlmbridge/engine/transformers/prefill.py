@@ -14,9 +14,9 @@ from typing import Any
 
 from vlmbridge.engine.transformers.batch import pack_prompts, prefill_positions
 from vlmbridge.engine.transformers.caches import PrefixCache, PrefixHit, prompt_keys
-from vlmbridge.engine.transformers.family import IMAGE_INPUTS
+from vlmbridge.engine.transformers.family import IMAGE_INPUTS, VIDEO_INPUTS
 from vlmbridge.engine.transformers.sequence import FaultHook, Sequence, describe
-from vlmbridge.engine.transformers.vision import VisionFeatures, image_slices
+from vlmbridge.engine.transformers.vision import VisionFeatures, image_slices, video_slices
 
 __all__ = ["Prefilled", "Prefiller"]
 
@@ -65,7 +65,7 @@ class Prefiller:
         if hit is None:
             return None
         length = hit.length
-        for start, end in inputs.image_spans:  # never split an image between cache and prefill
+        for start, end in inputs.media_spans:  # never split an image or clip between cache and prefill
             if start < length < end:
                 length = start
         if length <= 0:
@@ -79,7 +79,9 @@ class Prefiller:
         """The prompt's content keys, worked out once per request (lookup at start, filing at the end)."""
         if seq.prompt_keys is None:
             inputs = seq.prepared.inputs
-            seq.prompt_keys = prompt_keys(inputs.input_ids[0].tolist(), inputs.image_spans, inputs.image_keys)
+            seq.prompt_keys = prompt_keys(
+                inputs.input_ids[0].tolist(), inputs.media_spans, inputs.image_keys + inputs.video_keys
+            )
         return seq.prompt_keys
 
     def retire(self, seq: Sequence, cache: Any, mask_row: Any, row: int) -> None:
@@ -119,8 +121,13 @@ class Prefiller:
         if self.vision is None:
             return {}
         images = [i for s in seqs for i in image_slices(s.prepared.inputs) if i.span[0] >= after]
-        features = self.vision.encode(images, self.device)
-        return {"mm_encoder_outputs": {"image": features}} if features is not None else {}
+        clips = [i for s in seqs for i in video_slices(s.prepared.inputs) if i.span[0] >= after]
+        outputs = {
+            "image": self.vision.encode(images, self.device),
+            "video": self.vision.encode(clips, self.device, video=True),
+        }
+        outputs = {kind: features for kind, features in outputs.items() if features is not None}
+        return {"mm_encoder_outputs": outputs} if outputs else {}
 
     def _finish(self, seqs: list[Sequence], logits: Any, cache: Any, mask: Any) -> Prefilled | None:
         for row, seq in enumerate(seqs):
@@ -142,7 +149,7 @@ class Prefiller:
         packed = pack_prompts([s.prepared.inputs for s in seqs], self.pad_id, self.device)
         position_ids, text_next, rope_next = prefill_positions(packed, self.rope_index)
         if self.vision is not None:  # images go in as encoder outputs (cached per image)
-            for key in IMAGE_INPUTS:
+            for key in (*IMAGE_INPUTS, *VIDEO_INPUTS):
                 packed.pop(key, None)
         cache = self.new_cache(None)
         out = self.model(

@@ -15,7 +15,8 @@ from typing import Any
 
 from vlmbridge.engine.transformers.caches import PixelCache
 from vlmbridge.engine.transformers.pixels import ImagePixels, image_key
-from vlmbridge.engine.types import ChatMessage, GenerationRequest, PixelBudget, TextPart
+from vlmbridge.engine.transformers.videos import VideoPixels, video_key
+from vlmbridge.engine.types import ChatMessage, GenerationRequest, PixelBudget, TextPart, VideoPart
 from vlmbridge.errors import ContextLengthError, InvalidRequestError
 from vlmbridge.geometry import smart_resize, tokens_for_image
 
@@ -43,6 +44,14 @@ class ModelInputs:
     image_keys: tuple[str, ...]  # digest@budget per image, in prompt order (for encoder caches)
     image_spans: tuple[tuple[int, int], ...]  # [start, end) of each image's placeholder run in input_ids
     ends_in_think_block: bool  # the template opened a <think> block for the answer
+    video_tokens: int = 0
+    video_keys: tuple[str, ...] = ()  # digest@sampling@budget per clip, in prompt order
+    # [start, end) from each clip's first placeholder to its last (Qwen3-VL puts timestamps between frames)
+    video_spans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def media_spans(self) -> tuple[tuple[int, int], ...]:
+        return self.image_spans + self.video_spans
 
     @property
     def input_ids(self) -> Any:
@@ -84,6 +93,8 @@ class PromptBuilder:
         self.image_token_id = self._token_id(image_token)  # the family's placeholder (see family.py)
         self.pixel_cache = PixelCache(pixel_cache_bytes) if processor is not None and pixel_cache_bytes > 0 else None
         self._pixels = ImagePixels(processor, self.pixel_cache, self.default_min_pixels)
+        self._videos = VideoPixels(processor, self.pixel_cache)
+        self.video_token_id = self._token_id("<|video_pad|>")
         self._template_vars = _template_variables(processor if processor is not None else tokenizer)
 
     @property
@@ -124,11 +135,25 @@ class PromptBuilder:
                         param=f"messages[{i}].content",
                         code="image_input_not_supported",
                     )
+                if msg.videos:
+                    raise InvalidRequestError(
+                        "this model is text-only and cannot take video input",
+                        param=f"messages[{i}].content",
+                        code="video_input_not_supported",
+                    )
                 content = "".join(p.text for p in msg.content if isinstance(p, TextPart))
             else:
+                if msg.videos and not self._videos.supported:
+                    raise InvalidRequestError(
+                        "this model's processor has no video processor and cannot take video input",
+                        param=f"messages[{i}].content",
+                        code="video_input_not_supported",
+                    )
                 content = [
                     {"type": "text", "text": part.text}
                     if isinstance(part, TextPart)
+                    else {"type": "video", "video": self._videos.placeholder}
+                    if isinstance(part, VideoPart)
                     else {"type": "image", "image": self._pixels.placeholder}
                     for part in msg.content
                 ]
@@ -154,6 +179,8 @@ class PromptBuilder:
         conv = self.template_messages(messages)
         parts = [p for m in messages for p in m.images]
         processed = self._pixels.process(parts) if self.processor is not None else []
+        clips = [p for m in messages for p in m.videos]
+        videos = self._videos.outputs(self._videos.process(clips)) if clips else None
         common: dict[str, Any] = dict(
             tokenize=True,
             add_generation_prompt=True,  # as vLLM: a trailing assistant message is history, a new turn follows
@@ -164,7 +191,7 @@ class PromptBuilder:
         )
         try:
             if self.processor is not None:
-                enc = self._pixels.processor_for(processed).apply_chat_template(conv, **common)
+                enc = self._pixels.processor_for(processed, videos).apply_chat_template(conv, **common)
             else:
                 enc = self.tokenizer.apply_chat_template(conv, **common)
         except (TypeError, ValueError, KeyError, IndexError) as exc:
@@ -180,10 +207,13 @@ class PromptBuilder:
         ids = tensors["input_ids"]
         prompt_tokens = int(ids.shape[-1])
         image_tokens = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        video_tokens = int((ids == self.video_token_id).sum()) if clips and self.video_token_id is not None else 0
         if prompt_tokens >= self.context_length:
+            shown = f"{image_tokens} of them image tokens" + (f", {video_tokens} video tokens" if clips else "")
             raise ContextLengthError(
-                f"the prompt is {prompt_tokens} tokens ({image_tokens} of them image tokens), but the context is "
-                f"{self.context_length}; send fewer or smaller images (lower max_pixels or detail: low) or less text",
+                f"the prompt is {prompt_tokens} tokens ({shown}), but the context is {self.context_length}; send "
+                "fewer or smaller images (lower max_pixels or detail: low), shorter clips (lower fps or max_frames) "
+                "or less text",
                 param="messages",
                 code="context_length_exceeded",
             )
@@ -193,6 +223,7 @@ class PromptBuilder:
             raise InvalidRequestError(  # an image cut by the template would fail inside the model
                 f"{len(parts)} images but {len(spans)} image placeholder runs in the prompt", param="messages"
             )
+        video_spans = self._video_spans(ids[0].tolist(), tensors.get("video_grid_thw"), len(clips))
         return ModelInputs(
             tensors=tensors,
             prompt_tokens=prompt_tokens,
@@ -200,7 +231,33 @@ class PromptBuilder:
             image_keys=tuple(image_key(p) for p in parts),
             image_spans=tuple(spans),
             ends_in_think_block=tail.rstrip().endswith("<think>"),
+            video_tokens=video_tokens,
+            video_keys=tuple(video_key(p) for p in clips),
+            video_spans=video_spans,
         )
+
+    def _video_spans(self, ids: list[int], grids: Any, count: int) -> tuple[tuple[int, int], ...]:
+        """[first, last] placeholder of each clip: its runs of video tokens add up to its grid's token count."""
+        if not count:
+            return ()
+        merge = int(getattr(self._videos.video_processor, "merge_size", self._merge) or self._merge)
+        runs = iter(_runs(ids, self.video_token_id))
+        spans: list[tuple[int, int]] = []
+        for i in range(count):
+            want = int(grids[i].prod()) // merge**2
+            first = run = next(runs, None)
+            got = 0
+            while run is not None:
+                got += run[1] - run[0]
+                if got >= want:
+                    break
+                run = next(runs, None)
+            if first is None or run is None or got != want:
+                raise InvalidRequestError(  # a clip cut by the template would fail inside the model
+                    f"{count} videos but their placeholders in the prompt do not match", param="messages"
+                )
+            spans.append((first[0], run[1]))
+        return tuple(spans)
 
 
 def _runs(ids: list[int], token: int | None) -> list[tuple[int, int]]:

@@ -63,6 +63,7 @@ class Sequence:
         return PromptInfo(
             prompt_tokens=inputs.prompt_tokens,
             image_tokens=inputs.image_tokens,
+            video_tokens=inputs.video_tokens,
             cached_tokens=self.cached_tokens,
             reasoning_open=inputs.ends_in_think_block,
         )

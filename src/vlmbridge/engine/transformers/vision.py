@@ -13,7 +13,7 @@ from vlmbridge.engine.transformers.caches import EncoderCache
 from vlmbridge.engine.transformers.family import FamilyAdapter
 from vlmbridge.engine.transformers.prompt import ModelInputs
 
-__all__ = ["ImageSlice", "VisionFeatures", "image_slices"]
+__all__ = ["ImageSlice", "VisionFeatures", "image_slices", "video_slices"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,20 @@ def image_slices(inputs: ModelInputs) -> list[ImageSlice]:
     return out
 
 
+def video_slices(inputs: ModelInputs) -> list[ImageSlice]:
+    """Split a prompt's pixel_values_videos per clip (t·h·w rows each), as `image_slices` does for images."""
+    grids = inputs.tensors.get("video_grid_thw")
+    if grids is None:
+        return []
+    pixels = inputs.tensors["pixel_values_videos"]
+    out, row = [], 0
+    for i, key in enumerate(inputs.video_keys):
+        n = int(grids[i].prod())
+        out.append(ImageSlice(key, pixels[row : row + n], grids[i : i + 1], inputs.video_spans[i]))
+        row += n
+    return out
+
+
 class VisionFeatures:
     def __init__(self, model: Any, cache: EncoderCache | None, family: FamilyAdapter) -> None:
         self._encoder = family.vision_encoder(model)
@@ -45,8 +59,9 @@ class VisionFeatures:
         self._cache = cache
         self._output_cls: Any = None
 
-    def encode(self, images: list[ImageSlice], device: Any) -> Any | None:
-        """The `mm_encoder_outputs["image"]` object for these images, in order; None when there are none."""
+    def encode(self, images: list[ImageSlice], device: Any, *, video: bool = False) -> Any | None:
+        """The `mm_encoder_outputs["image"]` (or `["video"]`) object for these images or clips, in order; None when
+        there are none. Clips go through the tower's video entry (`get_video_features`)."""
         import torch
 
         if not images:
@@ -56,7 +71,8 @@ class VisionFeatures:
         if missing:
             pixels = torch.cat([images[n].pixels for n in missing]).to(device)
             grids = torch.cat([images[n].grid for n in missing]).to(device)
-            out = self._encoder.get_image_features(pixels, grids, return_dict=True)
+            encode = self._encoder.get_video_features if video else self._encoder.get_image_features
+            out = encode(pixels, grids, return_dict=True)
             self._output_cls = type(out)
             for n, item in zip(missing, self._family.split_features(out, len(missing)), strict=True):
                 parts[n] = item
