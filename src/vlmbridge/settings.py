@@ -251,6 +251,48 @@ class ServerSettings(BaseModel):
         "limit (16 × max_pixels, between 4096² and 8192²).",
     )
 
+    # --- videos --------------------------------------------------------------------------------------------
+    # A video travels base64 in the JSON body, a third larger than the file: max_video_bytes must stay below
+    # about 3/4 of max_body_bytes (the defaults: 48 MiB of video in a 64 MiB body). Raise both together.
+    max_videos: int = Field(2, ge=0, le=32, description="Most videos in one request (all messages together).")
+    max_video_bytes: int = Field(
+        48 * 1024 * 1024,
+        ge=1024,
+        le=1 << 32,
+        description="Largest video file (downloaded, read or base64-decoded). Base64 adds a third: keep it under "
+        "3/4 of --max-body-bytes, and raise that too for larger uploads (a 100 MB clip needs a 134 MB body).",
+    )
+    video_fps: float = Field(
+        2.0, gt=0, le=30, description="Frames sampled per second of video when a request does not set fps."
+    )
+    video_max_frames: int = Field(
+        32, ge=1, le=4096, description="Frames sampled per video when a request does not set max_frames."
+    )
+    max_video_frames: int = Field(
+        128,
+        ge=1,
+        le=4096,
+        description="Most frames per video a request may ask for (max_frames) or send as a frame list.",
+    )
+    video_max_pixels: int = Field(
+        640 * 360,
+        ge=3136,
+        le=16384 * 32 * 32,
+        description="Largest pixel budget per video frame (H×W after resizing); caps a request's max_pixels.",
+    )
+    max_video_seconds: float = Field(
+        600.0, gt=0, le=86400, description="Longest video accepted, from its header (checked before decoding)."
+    )
+    max_video_frame_pixels: int = Field(
+        3840 * 2160,
+        ge=4096,
+        le=1 << 28,
+        description="Largest frame size a video's header may claim (W×H; default 4K UHD, so 8K is refused).",
+    )
+    video_decode_timeout: float = Field(
+        60.0, gt=0, le=3600, description="Seconds one video's decode may take before the request gets a 400."
+    )
+
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,
         description="Where vlmbridge keeps what it builds (the demo and benchmark models, the demo picture); "

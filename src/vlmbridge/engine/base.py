@@ -48,6 +48,7 @@ class EngineInfo:
 class PromptStats:
     prompt_tokens: int
     image_tokens: int
+    video_tokens: int = 0
 
 
 class RequestStream(Generic[T]):

@@ -88,8 +88,11 @@ def policy_from_settings(settings: Settings) -> SourcePolicy:
     )
 
 
-def parse_data_uri(url: str, *, max_bytes: int, param: str) -> tuple[str, str]:
-    """(media type, base64 payload) of a `data:image/…;base64,` URI, with the size checked before decoding."""
+def parse_data_uri(
+    url: str, *, max_bytes: int, param: str, kind: str = "image", media_types: frozenset[str] = IMAGE_MEDIA_TYPES
+) -> tuple[str, str]:
+    """(media type, base64 payload) of a `data:image/…;base64,` URI (`kind`/… for videos), with the size checked
+    before decoding."""
     comma = url.find(",", 0, 5 + _MAX_HEADER_CHARS + 1)
     if comma < 0:
         raise ImageInputError("data URI has no ',' after a short header", param=param, code="invalid_image_url")
@@ -98,16 +101,15 @@ def parse_data_uri(url: str, *, max_bytes: int, param: str) -> tuple[str, str]:
         raise ImageInputError(
             "data URI must be base64-encoded (';base64' before the comma)", param=param, code="invalid_image_url"
         )
-    if not media_type.startswith("image/"):
-        shown = repr(media_type) if _MEDIA_TYPE.match(media_type) else "a non-image type"
+    if not media_type.startswith(f"{kind}/"):
+        shown = repr(media_type) if _MEDIA_TYPE.match(media_type) else f"a non-{kind} type"
         raise ImageInputError(
-            f"data URI media type must be image/*, got {shown}", param=param, code="unsupported_image_type"
+            f"data URI media type must be {kind}/*, got {shown}", param=param, code=f"unsupported_{kind}_type"
         )
-    if media_type not in IMAGE_MEDIA_TYPES:
-        shown = repr(media_type) if _MEDIA_TYPE.match(media_type) else "this image type"
-        raise ImageInputError(
-            f"{shown} is not supported; send PNG, JPEG, WebP, GIF or BMP", param=param, code="unsupported_image_type"
-        )
+    if media_type not in media_types:
+        shown = repr(media_type) if _MEDIA_TYPE.match(media_type) else f"this {kind} type"
+        formats = "PNG, JPEG, WebP, GIF or BMP" if kind == "image" else "MP4, MOV, WebM or Matroska"
+        raise ImageInputError(f"{shown} is not supported; send {formats}", param=param, code=f"unsupported_{kind}_type")
     payload = url[comma + 1 :]
     if len(payload) > 4 * ((max_bytes + 2) // 3):
         raise ImageInputError(
@@ -162,13 +164,27 @@ class ImageSources:
     async def load(self, url: str, *, param: str) -> DecodedImage:
         """Check the image `url` names (header only; pixels decode later); any refusal raises ImageInputError."""
         url = url.strip()
+        if url[:5].lower() == "data:":  # base64-decoded and checked in one thread hop
+            _, payload = parse_data_uri(url, max_bytes=self.policy.max_bytes, param=param)
+            return await asyncio.to_thread(self._decode_payload, payload, param)
+        data = await self.read(url, param=param)
+        return await asyncio.to_thread(self._check, data, param)
+
+    async def read(
+        self, url: str, *, param: str, kind: str = "image", media_types: frozenset[str] = IMAGE_MEDIA_TYPES
+    ) -> bytes:
+        """The bytes `url` names (data URI, guarded download or allowed local file), at most `policy.max_bytes`;
+        any refusal raises ImageInputError (its messages say `kind`: the same rules serve videos)."""
+        url = url.strip()
         if not url:
-            raise ImageInputError("image URL is empty", param=param, code="invalid_image_url")
+            raise ImageInputError(f"{kind} URL is empty", param=param, code=f"invalid_{kind}_url")
         scheme_match = _SCHEME.match(url)
         scheme = scheme_match.group(1).lower() if scheme_match else ""
         if scheme == "data":
-            _, payload = parse_data_uri(url, max_bytes=self.policy.max_bytes, param=param)
-            return await asyncio.to_thread(self._decode_payload, payload, param)
+            _, payload = parse_data_uri(
+                url, max_bytes=self.policy.max_bytes, param=param, kind=kind, media_types=media_types
+            )
+            return await asyncio.to_thread(self._payload_bytes, payload, param)
         if scheme in ("http", "https"):
             if self._fetcher is None:
                 raise ImageInputError(
@@ -176,14 +192,12 @@ class ImageSources:
                     param=param,
                     code="image_url_refused",
                 )
-            data = await self._fetcher.fetch(url, param=param)
-            return await asyncio.to_thread(self._check, data, param)
+            return await self._fetcher.fetch(url, param=param)
         if not scheme and self._is_relative_file_url(url):
             raise ImageInputError(RELATIVE_FILE_URL_MESSAGE, param=param, code="relative_file_url")
         if scheme == "file" or (not scheme and url.startswith("/") and not url.startswith("//")):
             path = self._local_path(url, param)
-            data = await asyncio.to_thread(self._read_local, path, param)
-            return await asyncio.to_thread(self._check, data, param)
+            return await asyncio.to_thread(self._read_local, path, param)
         if scheme:
             shown = f"{scheme!r} " if len(scheme) <= 10 else ""
             raise ImageInputError(
@@ -211,6 +225,9 @@ class ImageSources:
         return decode_image(data, param=param, max_pixels=self.policy.max_pixels, slots=self.decode_slots)
 
     def _decode_payload(self, payload: str, param: str) -> DecodedImage:
+        return self._check(self._payload_bytes(payload, param), param)
+
+    def _payload_bytes(self, payload: str, param: str) -> bytes:
         data = _decode_base64(payload, param=param)
         if len(data) > self.policy.max_bytes:
             raise ImageInputError(
@@ -218,7 +235,7 @@ class ImageSources:
                 param=param,
                 code="image_too_large",
             )
-        return self._check(data, param)
+        return data
 
     def _local_path(self, url: str, param: str) -> Path:
         """The absolute path `url` names, checked lexically against the allowed dirs (no filesystem access)."""

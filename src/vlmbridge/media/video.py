@@ -166,7 +166,7 @@ class DecodedVideo:
         walked = 0
         last_time = 0.0
         try:
-            with av.open(io.BytesIO(self._data), format=self.container) as container:
+            with av.open(io.BytesIO(self._data), mode="r", format=self.container) as container:
                 stream = container.streams.video[0]
                 for frame in container.decode(stream):
                     walked += 1
@@ -236,7 +236,7 @@ def probe_video(
             "video format not recognised: send MP4/MOV or Matroska/WebM", param=param, code="unsupported_video_format"
         )
     try:
-        with av.open(io.BytesIO(data), format=container_name) as container:
+        with av.open(io.BytesIO(data), mode="r", format=container_name) as container:
             if not container.streams.video:
                 raise VideoInputError("the file holds no video stream", param=param, code="invalid_video")
             stream = container.streams.video[0]
@@ -250,9 +250,7 @@ def probe_video(
     except VideoInputError:
         raise
     except (av.FFmpegError, ValueError, OSError, EOFError, MemoryError, IndexError) as exc:
-        raise VideoInputError(
-            f"video could not be read: {str(exc)[:200]}", param=param, code="invalid_video"
-        ) from None
+        raise VideoInputError(f"video could not be read: {str(exc)[:200]}", param=param, code="invalid_video") from None
     if codec not in ALLOWED_CODECS:
         raise VideoInputError(
             f"video codec {codec[:32]!r} is not accepted; send H.264, HEVC, VP8, VP9, AV1 or MPEG-4",

@@ -16,7 +16,7 @@ from vlmbridge import __version__
 from vlmbridge.media.inflight import PixelGate
 from vlmbridge.media.limits import in_flight_limit
 from vlmbridge.server.auth import AuthMiddleware
-from vlmbridge.server.convert import ImageLoader
+from vlmbridge.server.convert import ImageLoader, VideoLoader
 from vlmbridge.server.errors import install_error_handlers
 from vlmbridge.server.limits import BodySizeLimit, DrainGate
 from vlmbridge.server.metrics import Metrics, MetricsMiddleware
@@ -35,16 +35,20 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from vlmbridge.media.sources import ImageSources, policy_from_settings
+        from vlmbridge.media.video_sources import VideoSources
+
         sources = None
         if load_image is None:
-            from vlmbridge.media.sources import ImageSources, policy_from_settings
-
             sources = ImageSources(policy_from_settings(settings))
         loader: ImageLoader = load_image or (lambda url, param: sources.load(url, param=param))  # type: ignore[union-attr]
+        clips = VideoSources.from_settings(settings, policy_from_settings(settings))
+        video_loader: VideoLoader = lambda url, param: clips.load(url, param=param)  # noqa: E731
         gate = PixelGate(in_flight_limit(settings))
         app.state.vlm = AppState(
-            settings=settings, slot=slot, metrics=metrics, load_image=loader, lifecycle=lifecycle, pixel_gate=gate
-        )
+            settings=settings, slot=slot, metrics=metrics, load_image=loader, lifecycle=lifecycle, pixel_gate=gate,
+            load_video=video_loader,
+        )  # fmt: skip
         app.state.started_at = time.time()
         metrics.bind_engine(
             stats=lambda: e.stats() if (e := slot.peek()) is not None else None,
@@ -57,6 +61,7 @@ def create_app(settings: Settings, slot: EngineSlot, *, load_image: ImageLoader 
         finally:
             if sources is not None:
                 await sources.aclose()
+            await clips.aclose()
             slot.shutdown()
 
     app = FastAPI(

@@ -18,17 +18,29 @@ from vlmbridge.engine.types import (
     PixelBudget,
     SamplingParams,
     TextPart,
+    VideoPart,
 )
-from vlmbridge.errors import ImageInputError
+from vlmbridge.errors import ImageInputError, VideoInputError
 from vlmbridge.media.decode import DecodedImage
+from vlmbridge.media.framelist import FrameListVideo
 from vlmbridge.media.inflight import PixelGate, PixelReservation
 from vlmbridge.media.limits import in_flight_limit, request_limit
-from vlmbridge.server.schemas import ChatCompletionRequest
+from vlmbridge.media.video import DecodedVideo, VideoSampling
+from vlmbridge.server.schemas import ChatCompletionRequest, ContentPart
 from vlmbridge.settings import Settings
 
-__all__ = ["ImageLoader", "hold_images", "pixel_budget", "request_pixels", "to_generation_request"]
+__all__ = [
+    "ImageLoader",
+    "VideoLoader",
+    "hold_images",
+    "pixel_budget",
+    "request_pixels",
+    "to_generation_request",
+    "video_sampling",
+]
 
 ImageLoader = Callable[[str, str], Awaitable[DecodedImage]]  # (url, param) -> decoded image
+VideoLoader = Callable[[str, str], Awaitable[DecodedVideo]]  # (url, param) -> header-checked clip
 
 
 def pixel_budget(req: ChatCompletionRequest, detail: str, settings: Settings) -> PixelBudget:
@@ -44,8 +56,66 @@ def pixel_budget(req: ChatCompletionRequest, detail: str, settings: Settings) ->
     return PixelBudget(max_pixels=cap, min_pixels=floor)
 
 
+def video_sampling(part: ContentPart, settings: Settings, param: str) -> tuple[VideoSampling, PixelBudget]:
+    """A clip's sampling and per-frame budget: the part's own fields, else the server's defaults, within its caps."""
+    spec = part.video_url
+    fps = spec.fps if spec is not None and spec.fps is not None else settings.video_fps
+    frames = spec.max_frames if spec is not None and spec.max_frames is not None else settings.video_max_frames
+    if frames > settings.max_video_frames:
+        raise VideoInputError(
+            f"max_frames {frames} is more than the {settings.max_video_frames} frames per video this server takes",
+            param=f"{param}.max_frames",
+            code="too_many_frames",
+        )
+    pixels = settings.video_max_pixels
+    if spec is not None and spec.max_pixels is not None:
+        pixels = min(pixels, spec.max_pixels)
+    floor = min(settings.min_pixels, pixels) if settings.min_pixels is not None else None
+    return VideoSampling(fps=fps, max_frames=frames, max_pixels=pixels), PixelBudget(pixels, floor)
+
+
+async def _load_videos(
+    req: ChatCompletionRequest, settings: Settings, load_image: ImageLoader, load_video: VideoLoader | None
+) -> dict[tuple[int, int], VideoPart]:
+    """Every video part, loaded (files header-checked, frame lists picture by picture), by (message, part)."""
+    slots = [
+        (mi, pi, part)
+        for mi, message in enumerate(req.messages)
+        if isinstance(message.content, list)
+        for pi, part in enumerate(message.content)
+        if part.video_url is not None or part.video is not None
+    ]
+    if len(slots) > settings.max_videos:
+        raise VideoInputError(
+            f"{len(slots)} videos in one request; this server accepts at most {settings.max_videos}",
+            param="messages",
+            code="too_many_videos",
+        )
+
+    async def one(mi: int, pi: int, part: ContentPart) -> VideoPart:
+        param = f"messages[{mi}].content[{pi}]"
+        sampling, budget = video_sampling(part, settings, f"{param}.video_url")
+        if part.video_url is not None:
+            if load_video is None:
+                raise VideoInputError("this server does not take video files", param=param, code="video_url_refused")
+            return VideoPart(await load_video(part.video_url.url, f"{param}.video_url"), sampling, budget)
+        urls = part.video or []
+        if len(urls) > settings.max_video_frames:
+            raise VideoInputError(
+                f"a frame list of {len(urls)} pictures is more than the {settings.max_video_frames} frames per video "
+                "this server takes",
+                param=f"{param}.video",
+                code="too_many_frames",
+            )
+        images = await asyncio.gather(*(load_image(url, f"{param}.video[{i}]") for i, url in enumerate(urls)))
+        return VideoPart(FrameListVideo(tuple(images), fps=sampling.fps, param=f"{param}.video"), sampling, budget)
+
+    parts = await asyncio.gather(*(one(mi, pi, part) for mi, pi, part in slots))
+    return {(mi, pi): part for (mi, pi, _), part in zip(slots, parts, strict=True)}
+
+
 async def to_generation_request(
-    req: ChatCompletionRequest, settings: Settings, load_image: ImageLoader
+    req: ChatCompletionRequest, settings: Settings, load_image: ImageLoader, load_video: VideoLoader | None = None
 ) -> GenerationRequest:
     image_slots: list[tuple[int, int, str, str, PixelBudget]] = []  # (message, part, url, param, budget)
     for mi, message in enumerate(req.messages):
@@ -66,18 +136,20 @@ async def to_generation_request(
         (mi, pi): ImagePart(img, budget) for (mi, pi, _, _, budget), img in zip(image_slots, decoded, strict=True)
     }
     _check_request_pixels(list(images.values()), settings)
+    videos = await _load_videos(req, settings, load_image, load_video)
 
     messages: list[ChatMessage] = []
     for mi, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
         if message.content is None:
-            content: str | tuple[TextPart | ImagePart, ...] = ""
+            content: str | tuple[TextPart | ImagePart | VideoPart, ...] = ""
         elif isinstance(message.content, str):
             content = message.content
         else:
-            parts: list[TextPart | ImagePart] = []
+            parts: list[TextPart | ImagePart | VideoPart] = []
             for pi, part in enumerate(message.content):
-                parts.append(images[(mi, pi)] if part.image_url is not None else TextPart(part.text or ""))
+                media = images.get((mi, pi)) or videos.get((mi, pi))
+                parts.append(media if media is not None else TextPart(part.text or ""))
             content = tuple(parts)
         messages.append(ChatMessage(role=role, content=content, reasoning_content=message.reasoning_content))
 

@@ -197,6 +197,7 @@ _COMPONENTS: dict[str, Schema] = {
             "model": {"type": "string"},
             "count": {"type": "integer", "minimum": 0, "description": "Prompt tokens, image tokens included."},
             "image_tokens": {"type": "integer", "minimum": 0},
+            "video_tokens": {"type": "integer", "minimum": 0},
             "max_model_len": {"type": "integer"},
         },
     },

@@ -1,7 +1,7 @@
 """The OpenAI chat-completions request, validated strictly: unknown fields are a 400 that names them.
 
 A few fields Dify or the openai client send routinely are accepted and ignored (see IGNORED_FIELDS); features we
-plan but do not have yet (tools, video, structured output) are refused by name with "not supported yet".
+plan but do not have yet (tools, structured output) are refused by name with "not supported yet".
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from vlmbridge.errors import NotSupportedError
 
-__all__ = ["ChatCompletionRequest", "ContentPart", "ImageURL", "Message"]
+__all__ = ["ChatCompletionRequest", "ContentPart", "ImageURL", "Message", "VideoURL"]
 
 # Sent by clients as a matter of course; they do not change what we generate.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
@@ -39,10 +39,21 @@ class ImageURL(_Strict):
     detail: Literal["auto", "low", "high"] = "auto"
 
 
+class VideoURL(_Strict):
+    """A clip (vLLM's `video_url` part); the sampling fields are extensions, capped by the server's settings."""
+
+    url: str = Field(min_length=1)
+    fps: float | None = Field(None, gt=0, le=30, description="frames sampled per second of video")
+    max_frames: int | None = Field(None, ge=1, le=4096, description="most frames sampled from the clip")
+    max_pixels: int | None = Field(None, ge=1, description="pixel budget per frame (H×W after resizing)")
+
+
 class ContentPart(_Strict):
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
+    video: list[str] | None = Field(None, min_length=1, max_length=4096, description="a video as a frame list")
 
     @model_validator(mode="before")
     @classmethod
@@ -50,24 +61,24 @@ class ContentPart(_Strict):
         if not isinstance(value, dict):
             return value
         kind = value.get("type")
-        if kind in ("video_url", "video", "input_video"):
-            raise NotSupportedError("video input is not supported yet (planned)", param="content.type")
+        if kind == "input_video":
+            raise NotSupportedError("send video as a 'video_url' part", param="content.type")
         if kind in ("input_audio", "audio_url", "file"):
             raise NotSupportedError(f"content parts of type {kind!r} are not supported", param="content.type")
         if kind == "image_url" and isinstance(value.get("image_url"), str):
             value = {**value, "image_url": {"url": value["image_url"]}}  # vLLM-style shorthand
+        if kind == "video_url" and isinstance(value.get("video_url"), str):
+            value = {**value, "video_url": {"url": value["video_url"]}}
         return value
 
     @model_validator(mode="after")
     def _fields_match_type(self) -> ContentPart:
-        if self.type == "text":
-            if self.text is None or self.image_url is not None:
-                raise ValueError("a text part needs 'text' and nothing else")
-        elif self.type == "image_url":
-            if self.image_url is None or self.text is not None:
-                raise ValueError("an image_url part needs 'image_url' and nothing else")
-        else:
-            raise ValueError(f"unknown content part type {self.type!r} (use 'text' or 'image_url')")
+        given = {name for name in ("text", "image_url", "video_url", "video") if getattr(self, name) is not None}
+        if self.type not in ("text", "image_url", "video_url", "video"):
+            raise ValueError(f"unknown content part type {self.type!r} (use 'text', 'image_url' or 'video_url')")
+        if given != {self.type}:
+            article = "an" if self.type[0] in "aeiou" else "a"
+            raise ValueError(f"{article} {self.type} part needs '{self.type}' and nothing else")
         return self
 
 
@@ -88,7 +99,7 @@ class Message(_Strict):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         if self.role != "user" and isinstance(self.content, list) and any(p.type != "text" for p in self.content):
-            raise ValueError(f"images are only allowed in user messages, not in {self.role} messages")
+            raise ValueError(f"images and videos are only allowed in user messages, not in {self.role} messages")
         return self
 
 

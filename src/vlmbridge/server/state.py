@@ -13,7 +13,7 @@ from vlmbridge.errors import EngineNotReadyError, QueueFullError, ShuttingDownEr
 from vlmbridge.media.inflight import PixelGate
 from vlmbridge.output.client import ChunkStream, ModelClient
 from vlmbridge.output.pipeline import TextTools
-from vlmbridge.server.convert import ImageLoader
+from vlmbridge.server.convert import ImageLoader, VideoLoader
 from vlmbridge.server.metrics import Metrics
 from vlmbridge.settings import Settings
 
@@ -156,6 +156,7 @@ class AppState:
     metrics: Metrics
     load_image: ImageLoader
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    load_video: VideoLoader | None = None  # None: video files are refused (frame lists still work)
     pixel_gate: PixelGate = field(default_factory=lambda: PixelGate(1 << 34))  # decoded pixels held at once
     # The processor's CPU work (templating, image resizing) runs in threads; bound it so it cannot starve decoding.
     prepare_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))

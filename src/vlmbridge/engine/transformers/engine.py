@@ -382,7 +382,7 @@ class TransformersEngine:
 
     def count_prompt(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
         inputs = self.prompts.build(messages)
-        return PromptStats(prompt_tokens=inputs.prompt_tokens, image_tokens=inputs.image_tokens)
+        return PromptStats(inputs.prompt_tokens, inputs.image_tokens, inputs.video_tokens)
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -89,7 +89,7 @@ class ImagePixels:
         key = image_key(part)
         if self.cache is not None:
             hit = self.cache.get(key)
-            if hit is not None:
+            if isinstance(hit, ProcessedPixels):
                 return hit
         # Decoded here, inside the caller's bounded preparation step, reduced to the budget where the format
         # allows; the pixels are dropped as soon as the processor is done with them.

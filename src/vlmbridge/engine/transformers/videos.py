@@ -99,10 +99,12 @@ class VideoPixels:
         default_min = int(getattr(getattr(self.video_processor, "size", None), "shortest_edge", None) or 3136)
         shortest = min(budget.min_pixels or default_min, longest)
         kwargs: dict[str, Any] = {"size": {"shortest_edge": shortest, "longest_edge": longest}}
-        if "cap_pixels_per_frame" in getattr(getattr(self.video_processor, "valid_kwargs", None), "__annotations__", {}):
+        valid = getattr(getattr(self.video_processor, "valid_kwargs", None), "__annotations__", {})
+        if "cap_pixels_per_frame" in valid:
             kwargs["cap_pixels_per_frame"] = False  # our budget is already per frame
+        video_processor: Any = self.video_processor
         try:
-            out = self.video_processor(
+            out = video_processor(
                 videos=[np.stack(frames)], video_metadata=[metadata], do_sample_frames=False, return_metadata=True,
                 return_tensors="pt", **kwargs,
             )  # fmt: skip

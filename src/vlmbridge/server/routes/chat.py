@@ -47,7 +47,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     try:
         life.waiting += 1
         try:
-            gen_request = await to_generation_request(body, vlm.settings, vlm.load_image)
+            gen_request = await to_generation_request(body, vlm.settings, vlm.load_image, vlm.load_video)
             # Decoded pixels are reserved from the image headers before waiting for a preparation slot.
             async with hold_images(vlm.pixel_gate, gen_request), vlm.prepare_slots:
                 stream = await asyncio.to_thread(client.generate, gen_request)

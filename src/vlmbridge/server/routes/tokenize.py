@@ -58,9 +58,12 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     )
     life.waiting += 1
     try:
-        gen_request = await to_generation_request(chat, vlm.settings, vlm.load_image)
+        gen_request = await to_generation_request(chat, vlm.settings, vlm.load_image, vlm.load_video)
+        has_video = any(m.videos for m in gen_request.messages)
         async with vlm.prepare_slots:
-            if tools.counter is not None:  # the front's own count: no decoding, no processor, no engine time
+            # The front's own count: no decoding, no processor, no engine time. Not for clips: how many frames a
+            # clip gives (and Qwen3-VL's timestamp text) is only known once decoded, so the backend counts them.
+            if tools.counter is not None and not has_video:
                 stats = await asyncio.to_thread(tools.counter.count, gen_request.messages)
             else:
                 async with hold_images(vlm.pixel_gate, gen_request):
@@ -80,6 +83,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
             "model": name,
             "count": stats.prompt_tokens,
             "image_tokens": stats.image_tokens,
+            "video_tokens": stats.video_tokens,
             "max_model_len": engine.info.context_length,
         }
     )
