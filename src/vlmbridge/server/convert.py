@@ -60,7 +60,8 @@ def video_sampling(part: ContentPart, settings: Settings, param: str) -> tuple[V
     """A clip's sampling and per-frame budget: the part's own fields, else the server's defaults, within its caps."""
     spec = part.video_url
     fps = spec.fps if spec is not None and spec.fps is not None else settings.video_fps
-    frames = spec.max_frames if spec is not None and spec.max_frames is not None else settings.video_max_frames
+    default = min(settings.video_max_frames, settings.max_video_frames)
+    frames = spec.max_frames if spec is not None and spec.max_frames is not None else default
     if frames > settings.max_video_frames:
         raise VideoInputError(
             f"max_frames {frames} is more than the {settings.max_video_frames} frames per video this server takes",
