@@ -197,6 +197,18 @@ class Workload:
     batch: int = 1
     max_pixels: int | None = None
     image_size: tuple[int, int] = (1920, 1080)
+    # `videos` clips of `video_seconds` each, sampled as the server does (fps, max_frames, per-frame pixel budget)
+    videos: int = 0
+    video_seconds: float = 10.0
+    video_fps: float = 2.0
+    video_max_frames: int = 32
+    video_max_pixels: int = 640 * 360
+    video_size: tuple[int, int] = (1280, 720)
+
+    @property
+    def video_frames(self) -> int:
+        """Frames sampled per clip (the server's rule: fps over the clip, at most max_frames, at least one)."""
+        return max(1, min(self.video_max_frames, math.floor(self.video_seconds * self.video_fps + 1e-9)))
 
 
 @dataclass(frozen=True)
@@ -213,6 +225,7 @@ class Estimate:
     total: int
     fits: bool | None = None  # None while no budget is known
     note: str = ""
+    video_tokens: int = 0  # per clip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -271,6 +284,10 @@ def estimate(
         per_patch = (4 * v.hidden + 3 * v.intermediate) * act + pixel_row
         merged = tokens * v.out_hidden * (1 + v.deepstack_layers) * act
         vision_act = (patches * per_patch + merged) * workload.images * workload.batch
+    video_tokens = 0
+    if geo.vision is not None and workload.videos > 0:
+        video_tokens, clip_act = _video_estimate(geo.vision, workload, act, device_kind)
+        vision_act += clip_act * workload.videos * workload.batch
     subtotal = weights + kv + lm_act + vision_act
     overhead = int(subtotal * OVERHEAD_FRACTION) + (CUDA_CONTEXT_BYTES if device_kind == "cuda" else 0)
     return Estimate(
@@ -284,7 +301,26 @@ def estimate(
         lm_activations=lm_act,
         overhead=overhead,
         total=subtotal + overhead,
+        video_tokens=video_tokens,
     )
+
+
+def _video_estimate(v: Any, workload: Workload, act: int, device_kind: str) -> tuple[int, int]:
+    """(tokens, bytes) of one clip: frames go in temporal pairs, each pair priced like an image at the per-frame
+    budget; the sampled frames themselves are held decoded (uint8 RGB, reduced to 2× the budget) meanwhile."""
+    frames = workload.video_frames
+    pairs = -(-frames // v.temporal_patch_size)
+    per_pair = image_tokens(*workload.video_size, v, workload.video_max_pixels)
+    tokens = pairs * per_pair
+    patches = tokens * v.merge_size**2
+    pixel_row = v.in_channels * v.temporal_patch_size * v.patch_size**2 * 4
+    if device_kind == "cpu":
+        pixel_row *= 2
+    per_patch = (4 * v.hidden + 3 * v.intermediate) * act + pixel_row
+    merged = tokens * v.out_hidden * (1 + v.deepstack_layers) * act
+    w, h = workload.video_size
+    decoded = frames * min(w * h, 2 * workload.video_max_pixels) * 3
+    return tokens, patches * per_patch + merged + decoded
 
 
 def estimate_options(

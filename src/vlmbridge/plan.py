@@ -72,6 +72,8 @@ class PlanInputs:
     images: int = 1
     max_pixels: int | None = None
     batch: int = 1
+    videos: int = 0
+    video_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,9 @@ class Plan:
                 "batch": self.workload.batch,
                 "max_pixels": self.workload.max_pixels,
                 "image_size": list(self.workload.image_size),
+                "videos": self.workload.videos,
+                "video_seconds": self.workload.video_seconds,
+                "video_frames": self.workload.video_frames,
             },
             "device": {
                 "name": b.name,
@@ -177,6 +182,7 @@ class Plan:
             },
             "kv_bytes_per_token": first.kv_per_token if first else None,
             "image_tokens_per_image": first.image_tokens if first else None,
+            "video_tokens_per_video": first.video_tokens if first else None,
             "options": [r.to_dict() for r in self.rows],
             "recommendation": self.recommendation.to_dict(),
         }
@@ -287,6 +293,8 @@ def make_plan(path: str | Path | ModelFolder | Checkpoint, inputs: PlanInputs | 
         images=inputs.images if geo.vision is not None else 0,
         batch=inputs.batch,
         max_pixels=inputs.max_pixels,
+        videos=inputs.videos if geo.vision is not None else 0,
+        video_seconds=inputs.video_seconds,
     )
     budget = device_budget(inputs.device, inputs.gpu_memory)
     kind = _device_kind(budget, inputs.device)

@@ -56,6 +56,11 @@ def _header(plan: Plan) -> list[str]:
             f", {w.images} image(s) of {w.image_size[0]}×{w.image_size[1]}{cap} → {first.image_tokens} image "
             "tokens each"
         )
+    if w.videos and ck.geometry.vision is not None:
+        images += (
+            f", {w.videos} clip(s) of {w.video_seconds:g} s → {w.video_frames} frames → {first.video_tokens} video "
+            "tokens each"
+        )
     lines.append(f"workload: {w.context} tokens × batch {w.batch}{images}")
     lines.append(
         f"KV cache: {format_bytes(first.kv_per_token, binary=True)} per token ({first.compute_dtype}) → "

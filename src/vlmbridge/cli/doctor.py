@@ -10,7 +10,17 @@ from rich.markup import escape
 from vlmbridge.cli.console import err_console, out_console
 from vlmbridge.cli.options import SettingFlags, setting_flags, settings_from
 
-__all__ = ["BatchOpt", "ContextOpt", "GpuMemoryOpt", "ImagesOpt", "MaxPixelsOpt", "doctor", "parse_memory_size"]
+__all__ = [
+    "BatchOpt",
+    "ContextOpt",
+    "GpuMemoryOpt",
+    "ImagesOpt",
+    "MaxPixelsOpt",
+    "VideoSecondsOpt",
+    "VideosOpt",
+    "doctor",
+    "parse_memory_size",
+]
 
 GpuMemoryOpt = Annotated[
     str | None,
@@ -24,6 +34,13 @@ ContextOpt = Annotated[
 ]
 ImagesOpt = Annotated[int, typer.Option("--images", min=0, max=256, help="Images per sequence (1920×1080 each).")]
 BatchOpt = Annotated[int, typer.Option("--batch", min=1, max=4096, help="Sequences held at once.")]
+VideosOpt = Annotated[
+    int,
+    typer.Option("--videos", min=0, max=32, help="Video clips per sequence (1280×720, sampled at 2 fps, ≤ 32 frames)."),
+]
+VideoSecondsOpt = Annotated[
+    float, typer.Option("--video-seconds", min=0.1, max=86400, help="Length of each video clip in seconds.")
+]
 MaxPixelsOpt = Annotated[
     int | None,
     typer.Option(
@@ -58,6 +75,8 @@ def doctor(
     images: ImagesOpt = 1,
     max_pixels: MaxPixelsOpt = None,
     batch: BatchOpt = 1,
+    videos: VideosOpt = 0,
+    video_seconds: VideoSecondsOpt = 10.0,
     *,
     flags: SettingFlags,
 ) -> None:
@@ -79,6 +98,8 @@ def doctor(
         images=images,
         max_pixels=max_pixels,
         batch=batch,
+        videos=videos,
+        video_seconds=video_seconds,
         attn_implementation=settings.attn_implementation,
         allow_pickle_weights=settings.allow_pickle_weights,
         trust_remote_code=settings.trust_remote_code,

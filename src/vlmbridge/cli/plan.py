@@ -7,7 +7,16 @@ from typing import Annotated
 import typer
 
 from vlmbridge.cli.console import out_console
-from vlmbridge.cli.doctor import BatchOpt, ContextOpt, GpuMemoryOpt, ImagesOpt, MaxPixelsOpt, parse_memory_size
+from vlmbridge.cli.doctor import (
+    BatchOpt,
+    ContextOpt,
+    GpuMemoryOpt,
+    ImagesOpt,
+    MaxPixelsOpt,
+    VideoSecondsOpt,
+    VideosOpt,
+    parse_memory_size,
+)
 from vlmbridge.cli.options import SettingFlags, setting_flags, settings_from
 
 __all__ = ["plan"]
@@ -23,6 +32,8 @@ def plan(
     images: ImagesOpt = 1,
     max_pixels: MaxPixelsOpt = None,
     batch: BatchOpt = 1,
+    videos: VideosOpt = 0,
+    video_seconds: VideoSecondsOpt = 10.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (schema: docs/plan.md).")] = False,
     *,
     flags: SettingFlags,
@@ -40,8 +51,9 @@ def plan(
     budget = parse_memory_size(gpu_memory)
     settings = settings_from(**flags)
     inputs = PlanInputs(
-        device=settings.device, gpu_memory=budget, context=context, images=images, max_pixels=max_pixels, batch=batch
-    )
+        device=settings.device, gpu_memory=budget, context=context, images=images, max_pixels=max_pixels, batch=batch,
+        videos=videos, video_seconds=video_seconds,
+    )  # fmt: skip
     result = make_plan(model_dir, inputs)
     if json_output:
         out_console.print(render_json(result), markup=False, highlight=False, soft_wrap=True)

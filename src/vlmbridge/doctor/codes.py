@@ -98,6 +98,7 @@ CODES: dict[str, CodeInfo] = {
     "VB506": CodeInfo(_M, _I, "device memory unknown"),
     "VB507": CodeInfo(_M, _W, "images take more tokens than the context holds"),
     "VB508": CodeInfo(_M, _I, "memory not estimated"),
+    "VB509": CodeInfo(_M, _I, "video tokens and vision-encoder memory per clip"),
     # environment
     "VB600": CodeInfo(_V, _E, "host path used inside a container"),
     "VB601": CodeInfo(_V, _E, "model path does not exist"),

@@ -46,6 +46,8 @@ class DoctorOptions:
     images: int = 1  # images per sequence
     max_pixels: int | None = None  # per-image pixel cap; default the processor's own limit
     batch: int = 1
+    videos: int = 0  # video clips per sequence, sampled as the server samples them
+    video_seconds: float = 10.0
     attn_implementation: str = "sdpa"
     allow_pickle_weights: bool = False
     trust_remote_code: Mapping[str, Mapping[str, str]] = field(default_factory=dict)

@@ -101,6 +101,8 @@ def check_memory(ctx: Context) -> Iterator[Finding]:
         images=opts.images if geo.vision is not None else 0,
         batch=opts.batch,
         max_pixels=opts.max_pixels,
+        videos=opts.videos if geo.vision is not None else 0,
+        video_seconds=opts.video_seconds,
     )
     budget = ctx.budget
     device_kind = "cpu" if budget.kind == "cpu" else "cuda"
@@ -152,6 +154,15 @@ def _vision_findings(geo: ModelGeometry, workload: Workload, chosen: Estimate) -
         f"vision encoder ≈ {_gb(chosen.vision_activations)} for {workload.images} image(s) × batch {workload.batch}",
         evidence=Evidence(value=f"patch {v.patch_size}, merge {v.merge_size}, pixels {v.min_pixels}…{v.max_pixels}"),
     )
+    if workload.videos:
+        yield Finding(
+            "VB509",
+            Severity.INFO,
+            f"videos: a {workload.video_seconds:g} s clip at {workload.video_fps:g} fps → {workload.video_frames} "
+            f"frames (≤ {workload.video_max_frames}) of ≤ {workload.video_max_pixels} pixels → {chosen.video_tokens} "
+            f"video tokens each; {workload.videos} clip(s) × batch {workload.batch} are in the vision estimate",
+            evidence=Evidence(value=f"--videos {workload.videos} --video-seconds {workload.video_seconds:g}"),
+        )
     if workload.images and worst * workload.images > workload.context:
         need = workload.context // max(workload.images, 1) // 2  # leave half the context for text
         pixels = max(need, 1) * v.patch_size**2 * v.merge_size**2
@@ -256,7 +267,11 @@ def _facts(
             "batch": workload.batch,
             "max_pixels": workload.max_pixels,
             "image_size": list(workload.image_size),
+            "videos": workload.videos,
+            "video_seconds": workload.video_seconds,
+            "video_frames": workload.video_frames,
         },
+        "video_tokens_per_video": chosen.video_tokens,
         "device": {"name": device, "kind": device_kind, "free_bytes": free},
         "chosen": chosen.to_dict(),
         "options": [e.to_dict() for e in table],
