@@ -181,6 +181,16 @@ def image_url(url: str, detail: str = "high") -> dict[str, Any]:
     return {"image": {"url": url, "mime_type": "image/png", "detail": detail}}
 
 
+def video_b64(data: bytes, mime_type: str = "video/mp4") -> dict[str, Any]:
+    import base64
+
+    return {"video": {"base64": base64.b64encode(data).decode(), "mime_type": mime_type}}
+
+
+def video_url(url: str, mime_type: str = "video/mp4") -> dict[str, Any]:
+    return {"video": {"url": url, "mime_type": mime_type}}
+
+
 def user(*parts: dict[str, Any]) -> dict[str, Any]:
     """A user message; images first, as Dify orders them."""
     return {"role": "user", "content": list(parts)}
@@ -299,6 +309,7 @@ class _Driver:
             SystemPromptMessage,
             TextPromptMessageContent,
             UserPromptMessage,
+            VideoPromptMessageContent,
         )
 
         out: list[Any] = []
@@ -309,6 +320,16 @@ class _Driver:
                 for part in content:
                     if "text" in part:
                         parts.append(TextPromptMessageContent(data=part["text"]))
+                    elif "video" in part:
+                        clip = part["video"]
+                        parts.append(
+                            VideoPromptMessageContent(
+                                format=clip["mime_type"].split("/")[-1],
+                                mime_type=clip["mime_type"],
+                                base64_data=clip.get("base64", ""),
+                                url=clip.get("url", ""),
+                            )
+                        )
                     else:
                         img = part["image"]
                         parts.append(

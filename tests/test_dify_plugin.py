@@ -285,7 +285,7 @@ def test_model_that_failed_to_load_is_server_unavailable(driver: DifyDriver, tin
 # --- model schema --------------------------------------------------------------------------------------------------
 def test_schema_declares_vision_by_default_and_no_tools(driver: DifyDriver) -> None:
     schema = driver.call("schema", cls="plugin", model="m", credentials={"endpoint_url": "http://x/v1"})
-    assert schema["features"] == ["vision"]  # no tool calling: Dify's agent nodes would send tools, a 400 here
+    assert schema["features"] == ["vision", "video"]  # no tool calling: Dify's agent nodes would send tools, a 400
     assert schema["properties"] == {"context_size": 32768, "mode": "chat"}
     assert {"top_k", "seed"} <= set(schema["rules"]) and schema["rules"]["top_p"]["min"] > 0
 
@@ -298,7 +298,7 @@ def test_schema_declares_vision_by_default_and_no_tools(driver: DifyDriver) -> N
 def test_remote_models_lists_what_the_server_serves(driver: DifyDriver, server: Server) -> None:
     models = driver.call("remote_models", credentials=creds(server))
     assert [(m["model"], m["properties"]["context_size"], m["features"]) for m in models] == [
-        (MODEL, 32768, ["vision"])
+        (MODEL, 32768, ["vision", "video"])
     ]
     assert driver.call("remote_models", credentials=creds(server, api_key="nope")) == []
 

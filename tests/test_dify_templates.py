@@ -66,7 +66,8 @@ def test_template_has_the_structure_difys_importer_needs(name: str) -> None:
     else:
         assert selector[0] == start["id"]
         (var,) = [v for v in start["data"]["variables"] if v["variable"] == selector[1]]
-        assert var["type"] in ("file", "file-list") and var["allowed_file_types"] == ["image"] and var["required"]
+        assert var["type"] in ("file", "file-list") and var["required"]
+        assert var["allowed_file_types"] == (["image", "video"] if name == "ugc-moderation" else ["image"])
 
     # The prompt asks for JSON; every {{#node.var#}} reference names something that exists.
     prompts = [p["text"] for p in llm["data"]["prompt_template"]]

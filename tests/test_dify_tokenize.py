@@ -35,7 +35,8 @@ def test_text_count_matches_generation(server: Server) -> None:
     response = _count(server, {"model": MODEL, "messages": messages})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body == {"model": MODEL, "count": _prompt_tokens(server, messages), "image_tokens": 0, "max_model_len": 512}
+    count = _prompt_tokens(server, messages)
+    assert body == {"model": MODEL, "count": count, "image_tokens": 0, "video_tokens": 0, "max_model_len": 512}
 
 
 @pytest.mark.parametrize("detail", ["high", "low"])

@@ -73,6 +73,7 @@ class Metrics:
         )  # fmt: skip
         self.prompt_tokens = Counter("vlmbridge_prompt_tokens", "Prompt tokens, image tokens included.", registry=r)
         self.image_tokens = Counter("vlmbridge_image_tokens", "Image tokens in prompts.", registry=r)
+        self.video_tokens = Counter("vlmbridge_video_tokens", "Video tokens in prompts.", registry=r)
         self.completion_tokens = Counter("vlmbridge_completion_tokens", "Generated tokens.", registry=r)
         self.in_flight = Gauge("vlmbridge_requests_in_flight", "Chat requests being handled.", registry=r)
         self.model_ready = Gauge("vlmbridge_model_ready", "1 when the model is loaded and warmed up.", registry=r)

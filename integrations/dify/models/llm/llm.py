@@ -1,7 +1,8 @@
 """The vlmbridge LLM for Dify: the SDK's OpenAI-compatible model plus what a vlmbridge server offers.
 
 Added to `OAICompatLargeLanguageModel`:
-- vision on unless the credentials say otherwise; no tool-calling features (the server has none yet);
+- vision and video on unless the credentials say otherwise; no tool-calling features (the server has none yet);
+- Dify's video contents sent as `video_url` parts (the SDK's converter drops them without a word);
 - typed errors from vlmbridge's error envelope, also for errors sent mid-stream (see vlmbridge_api.py);
 - token counts from the server (POST /tokenize), never tiktoken, which downloads files and fails offline;
 - `stream_options.include_usage`, so streamed answers carry the server's usage (image tokens included);
@@ -29,7 +30,13 @@ from dify_plugin.entities.model import (
     ParameterType,
 )
 from dify_plugin.entities.model.llm import LLMResult, LLMResultChunk
-from dify_plugin.entities.model.message import AssistantPromptMessage, PromptMessage, PromptMessageTool
+from dify_plugin.entities.model.message import (
+    AssistantPromptMessage,
+    PromptMessage,
+    PromptMessageContentType,
+    PromptMessageTool,
+    UserPromptMessage,
+)
 from dify_plugin.errors.model import CredentialsValidateFailedError, InvokeError
 from models.llm import vlmbridge_api as api
 
@@ -43,6 +50,7 @@ DEFAULT_CREDENTIALS = {
     "context_size": "32768",
     "max_tokens_to_sample": "4096",
     "vision_support": "support",
+    "video_support": "support",
     "function_calling_type": "no_call",
     "stream_function_calling": "not_supported",
 }
@@ -119,6 +127,24 @@ class VlmbridgeLargeLanguageModel(OAICompatLargeLanguageModel):
         finally:
             response.close()
 
+    def _convert_prompt_message_to_dict(self, message: PromptMessage, credentials: dict | None = None) -> dict:
+        """The SDK's conversion, plus Dify's video contents as `video_url` parts, in their place among the others
+        (the base class keeps only text and image parts)."""
+        converted: dict[str, Any] = super()._convert_prompt_message_to_dict(message, credentials)
+        if not isinstance(message, UserPromptMessage) or isinstance(message.content, str):
+            return converted
+        if not any(c.type == PromptMessageContentType.VIDEO for c in message.content or []):
+            return converted
+        kept = iter(converted["content"])  # the base class's parts, in order: text and images
+        parts: list[dict[str, Any]] = []
+        for content in message.content or []:
+            if content.type == PromptMessageContentType.VIDEO:
+                parts.append({"type": "video_url", "video_url": {"url": content.data}})
+            elif content.type in (PromptMessageContentType.TEXT, PromptMessageContentType.IMAGE):
+                parts.append(next(kept))
+        converted["content"] = parts
+        return converted
+
     @property
     def _invoke_error_mapping(self) -> dict[type[InvokeError], list[type[Exception]]]:
         return api.INVOKE_ERROR_MAPPING
@@ -174,6 +200,8 @@ class VlmbridgeLargeLanguageModel(OAICompatLargeLanguageModel):
         entity = super().get_customizable_model_schema(model, creds)
         # Advertising tool calls would let Dify's agent nodes send `tools`, which the server refuses (400).
         entity.features = [f for f in entity.features or [] if f not in _TOOL_FEATURES]
+        if creds.get("video_support") == "support" and ModelFeature.VIDEO not in entity.features:
+            entity.features.append(ModelFeature.VIDEO)  # without it Dify drops video files before the model
         for rule in entity.parameter_rules:
             if rule.name == DefaultParameterName.TOP_P.value:
                 rule.min = 0.01  # the server needs top_p > 0
@@ -286,6 +314,7 @@ def _credentials_for(credentials: Mapping[str, Any], entry: Mapping[str, Any]) -
     ext = entry.get("vlmbridge")
     if isinstance(ext, dict) and ext.get("vision") is False:
         creds["vision_support"] = "no_support"
+        creds["video_support"] = "no_support"
     return creds
 
 

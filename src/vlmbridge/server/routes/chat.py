@@ -133,6 +133,7 @@ def _record(vlm: AppState, chunk: GenerationChunk, arrived: float, first: bool) 
     if chunk.finish_reason is not None and chunk.usage is not None:
         vlm.metrics.prompt_tokens.inc(chunk.usage.prompt_tokens)
         vlm.metrics.image_tokens.inc(chunk.usage.image_tokens)
+        vlm.metrics.video_tokens.inc(chunk.usage.video_tokens)
         vlm.metrics.completion_tokens.inc(chunk.usage.completion_tokens)
 
 
