@@ -218,3 +218,13 @@ def test_clips_prefilled_together_match_alone(tiny_model: TinyFactory, family: s
         for a, b in zip(alone, together, strict=True):
             assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-3
         assert alone[0].top != alone[1].top
+
+
+def test_clips_cross_to_the_worker_process(tiny_model: TinyFactory) -> None:
+    """The default engine_worker=process: a clip's bytes and header facts cross the pipe, frames decode there."""
+    with running(tiny_model("qwen2_5_vl"), engine_worker="process", max_new_tokens=2) as srv:
+        _, usage = top_logprobs(srv, video_message(video_uri(clip_bytes(seed=1, frames=20, fps=10)), **BUDGET))
+        assert usage["prompt_tokens_details"]["video_tokens"] > 0
+        frames = {"type": "video", "video": [data_url(64, 48, seed=s) for s in range(3)]}
+        _, usage = top_logprobs(srv, [{"role": "user", "content": [frames]}])
+        assert usage["prompt_tokens_details"]["video_tokens"] > 0
