@@ -118,3 +118,10 @@ def test_pickles_without_frames() -> None:
         again.digest == clip.digest
         and again.frames(VideoSampling()).timestamps == clip.frames(VideoSampling()).timestamps
     )
+
+
+def test_frame_list_frames_are_reduced_to_the_budget() -> None:
+    pictures = (decoded(640, 480, seed=1), decoded(320, 200, seed=2))
+    frames = FrameListVideo(pictures, fps=1.0).frames(VideoSampling(max_pixels=64 * 48))
+    assert frames.size[0] * frames.size[1] <= 2 * 64 * 48
+    assert frames.frames[0].shape == frames.frames[1].shape

@@ -39,7 +39,8 @@ class FrameListVideo:
         return sum(i.nbytes for i in self.images)
 
     def frames(self, sampling: VideoSampling) -> VideoFrames:
-        """The pictures (uniformly thinned to `max_frames`) as RGB arrays of the first picture's size."""
+        """The pictures (uniformly thinned to `max_frames`) as RGB arrays of the first picture's size, each reduced
+        to about twice the per-frame budget right after decoding (one full-size picture in memory at a time)."""
         import numpy as np
 
         n = len(self.images)
@@ -52,8 +53,8 @@ class FrameListVideo:
             try:
                 picture = image.decode(sampling.max_pixels)
                 if size is None:
-                    size = picture.size
-                elif picture.size != size:  # a video's frames share one size: later ones follow the first
+                    size = _reduced(picture.size, sampling.max_pixels)
+                if picture.size != size:  # reduced, and a video's frames share one size: the first one's
                     picture = picture.resize(size)
                 frames.append(np.asarray(picture, dtype=np.uint8))
             finally:
@@ -61,3 +62,12 @@ class FrameListVideo:
         return VideoFrames(
             tuple(frames), tuple(i / self.fps for i in picks), source_fps=self.fps, duration=self.duration
         )
+
+
+def _reduced(size: tuple[int, int], max_pixels: int | None) -> tuple[int, int]:
+    """`size` scaled down to about 2 × max_pixels (the processor's own resize decides the last step)."""
+    w, h = size
+    if max_pixels is None or w * h <= 2 * max_pixels:
+        return size
+    scale = (2 * max_pixels / (w * h)) ** 0.5
+    return max(2, int(w * scale)), max(2, int(h * scale))

@@ -3,7 +3,9 @@
 The tokenizer renders the model's own chat template with one placeholder per image; each placeholder then
 stands for as many tokens as the one image-token rule (`geometry.tokens_for_image`) gives for that image's size
 (read from its header, never decoded) and pixel budget. `/v1/tokenize` answers from here, so counting a prompt
-costs no decoding, no processor run and no engine time — for any backend.
+costs no decoding, no processor run and no engine time — for any backend. Clips are not counted here: how many
+frames a clip gives (and Qwen3-VL's timestamp text) is known only once it is decoded, so /v1/tokenize asks the
+backend for prompts with video.
 """
 
 from __future__ import annotations
