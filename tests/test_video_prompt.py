@@ -34,7 +34,7 @@ def test_qwen3_vl_prompt_carries_the_sampled_timestamps(tiny_model: TinyFactory)
     text = b.tokenizer.decode(inputs.input_ids[0])
     assert f"<{0.25:.1f} seconds>" in text and f"<{1.25:.1f} seconds>" in text and "<2." not in text
     start, end = inputs.video_spans[0]
-    assert inputs.video_tokens == 4 and end - start > inputs.video_tokens  # timestamps sit inside the clip's span
+    assert inputs.video_tokens == 8 and end - start > inputs.video_tokens  # 2 pairs of 2×2; timestamps inside
     slower = b.build(ask(clip_part(fps=1)))  # frames at 0 and 1 s: one pair at 0.5
     assert "<0.5 seconds>" in b.tokenizer.decode(slower.input_ids[0])
     assert inputs.video_keys != slower.video_keys
