@@ -228,3 +228,15 @@ def test_clips_cross_to_the_worker_process(tiny_model: TinyFactory) -> None:
         frames = {"type": "video", "video": [data_url(64, 48, seed=s) for s in range(3)]}
         _, usage = top_logprobs(srv, [{"role": "user", "content": [frames]}])
         assert usage["prompt_tokens_details"]["video_tokens"] > 0
+
+
+def test_picture_and_clip_in_one_prompt(family_server: tuple[str, Server]) -> None:
+    _, server = family_server
+    clip = {"type": "video_url", "video_url": {"url": video_uri(clip_bytes(seed=8, frames=20, fps=10)), **BUDGET}}
+    picture = {"type": "image_url", "image_url": {"url": data_url(64, 64, seed=1)}}
+    other = {"type": "image_url", "image_url": {"url": data_url(64, 64, seed=2)}}
+    question = {"type": "text", "text": "Compare them."}
+    a, usage = top_logprobs(server, [{"role": "user", "content": [picture, clip, question]}])
+    b, _ = top_logprobs(server, [{"role": "user", "content": [other, clip, question]}])
+    details = usage["prompt_tokens_details"]
+    assert details["image_tokens"] > 0 and details["video_tokens"] > 0 and a != b
