@@ -68,6 +68,7 @@ class FetchPolicy:
     total_timeout: float = 30.0
     max_redirects: int = 3
     user_agent: str = f"vlmbridge/{__version__} (image fetcher)"
+    accept: str = "image/*"  # the Accept header (the video sources fetch with "video/*")
     max_connections: int = 32
     allow_list: AllowList = field(init=False, repr=False, compare=False)
 
@@ -261,7 +262,7 @@ class ImageFetcher:
             follow_redirects=False,  # each hop is re-checked below
             trust_env=False,  # no env proxies, no .netrc credentials
             cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # one client serves every caller
-            headers={"User-Agent": p.user_agent, "Accept": "image/*", "Accept-Encoding": "identity"},
+            headers={"User-Agent": p.user_agent, "Accept": p.accept, "Accept-Encoding": "identity"},
         )
 
     async def __aenter__(self) -> Self:

@@ -44,7 +44,7 @@ class VideoSources:
     `decode_slots` bounds the clips decoded at once (each holds its sampled frames while being processed)."""
 
     def __init__(self, policy: SourcePolicy, limits: VideoLimits, *, decode_slots: int = 1) -> None:
-        fetch = replace(policy.fetch, user_agent=policy.fetch.user_agent.replace("image", "video"))
+        fetch = replace(policy.fetch, user_agent=policy.fetch.user_agent.replace("image", "video"), accept="video/*")
         self._sources = ImageSources(replace(policy, fetch=fetch))
         self.limits = limits
         self.decode_slots = threading.BoundedSemaphore(decode_slots)
