@@ -50,6 +50,7 @@ def test_package_command_builds_a_complete_plugin(tmp_path: Path) -> None:
         fields = {f["variable"]: f for f in provider["model_credential_schema"]["credential_form_schemas"]}
         assert {"endpoint_url", "api_key", "context_size", "max_tokens_to_sample", "vision_support"} <= set(fields)
         assert fields["vision_support"]["default"] == "support"  # vision on by default
+        assert fields["video_support"]["default"] == "support"  # and video: Dify drops clips for models without it
         assert fields["endpoint_url"]["required"] is True and fields["api_key"]["type"] == "secret-input"
 
         assert not any(n.startswith("templates/") or "__pycache__" in n or n.endswith(".pyc") for n in names)
@@ -68,7 +69,7 @@ def test_packaged_plugin_loads_with_the_sdks_loader(tmp_path: Path) -> None:
         "methods": ["customizable-model"],
         "credentials": [
             "endpoint_url", "api_key", "endpoint_model_name", "display_name", "mode", "context_size",
-            "max_tokens_to_sample", "vision_support",
+            "max_tokens_to_sample", "vision_support", "video_support",
         ],
         "models": {"llm": "VlmbridgeLargeLanguageModel"},
         "llm_module": "models.llm.llm",  # 3 dotted parts: the SDK's error mapping needs them
