@@ -212,7 +212,8 @@ def test_clips_prefilled_together_match_alone(tiny_model: TinyFactory, family: s
 
         alone = [first_choice(engine.submit(request(p))) for p in parts]
         before = engine.stats().prefill_batches
-        streams = [engine.submit(request(p)) for p in parts]  # queued together: one left-padded prefill
+        prepared = [request(p) for p in parts]  # prepared first, then queued back to back: one left-padded prefill
+        streams = [engine.submit(p) for p in prepared]
         together = [first_choice(s) for s in streams]
         assert engine.stats().prefill_batches == before + 1
         for a, b in zip(alone, together, strict=True):
