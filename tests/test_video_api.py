@@ -4,6 +4,7 @@ count is the processor's, and bad videos are a 400 envelope that leaves the serv
 from __future__ import annotations
 
 import base64
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -210,12 +211,22 @@ def test_clips_prefilled_together_match_alone(tiny_model: TinyFactory, family: s
             assert all(o.error is None for o in outs), outs
             return next(o.choices[0] for o in outs if o.choices)
 
+        def prefills() -> int:
+            """The prefill counter once it stopped moving (it counts just after a request's last output)."""
+            seen = engine.stats().prefill_batches
+            while True:
+                time.sleep(0.1)
+                now = engine.stats().prefill_batches
+                if now == seen:
+                    return int(now)
+                seen = now
+
         alone = [first_choice(engine.submit(request(p))) for p in parts]
-        before = engine.stats().prefill_batches
+        before = prefills()
         prepared = [request(p) for p in parts]  # prepared first, then queued back to back: one left-padded prefill
         streams = [engine.submit(p) for p in prepared]
         together = [first_choice(s) for s in streams]
-        assert engine.stats().prefill_batches == before + 1
+        assert prefills() == before + 1
         for a, b in zip(alone, together, strict=True):
             assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-3
         assert alone[0].top != alone[1].top
