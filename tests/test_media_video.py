@@ -125,3 +125,20 @@ def test_frame_list_frames_are_reduced_to_the_budget() -> None:
     frames = FrameListVideo(pictures, fps=1.0).frames(VideoSampling(max_pixels=64 * 48))
     assert frames.size[0] * frames.size[1] <= 2 * 64 * 48
     assert frames.frames[0].shape == frames.frames[1].shape
+
+
+def test_clips_reserve_their_frames_on_the_pixel_gate() -> None:
+    from vlmbridge.engine.types import ChatMessage, GenerationRequest, PixelBudget, TextPart, VideoPart
+    from vlmbridge.errors import QueueFullError
+    from vlmbridge.media.inflight import PixelGate
+    from vlmbridge.server.convert import hold_images, video_pixels
+
+    part = VideoPart(probe_video(clip_bytes()), VideoSampling(2, 8, 4096), PixelBudget(4096))
+    request = GenerationRequest((ChatMessage("user", (part, TextPart("?"))),))
+    assert video_pixels(request) == 8 * 2 * 4096
+    gate = PixelGate(100_000)
+    with hold_images(gate, request):
+        assert gate.in_flight == 65536
+        with pytest.raises(QueueFullError):
+            hold_images(gate, request)  # a second clip would pass the bound: 429, retry later
+    assert gate.in_flight == 0

@@ -49,15 +49,15 @@ class PixelGate:
         """
         if pixels > self.limit:
             raise ImageInputError(
-                f"the request's images decode to {pixels} pixels, more than the {self.limit} this server holds at "
-                "once; send fewer or smaller images",
+                f"the request's images (and video frames) decode to {pixels} pixels, more than the {self.limit} this "
+                "server holds at once; send fewer or smaller images or clips",
                 param="messages",
                 code="image_too_large",
             )
         with self._lock:
             if pixels and self._in_flight + pixels > self.limit:
                 raise QueueFullError(
-                    f"the server is decoding {self._in_flight} image pixels, and this request's {pixels} would pass "
+                    f"the server is decoding {self._in_flight} pixels, and this request's {pixels} would pass "
                     f"its limit of {self.limit}; retry in a moment",
                     retry_after=RETRY_AFTER_S,
                     code="pixels_in_flight",

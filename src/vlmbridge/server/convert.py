@@ -36,6 +36,7 @@ __all__ = [
     "pixel_budget",
     "request_pixels",
     "to_generation_request",
+    "video_pixels",
     "video_sampling",
 ]
 
@@ -208,6 +209,13 @@ def _check_request_pixels(parts: list[ImagePart], settings: Settings) -> None:
 def hold_images(gate: PixelGate, request: GenerationRequest) -> PixelReservation:
     """Reserve the decoded pixels of the request's images on the server-wide gate (429 QueueFullError when over
     it). Hold it across the engine's preparation; leaving it drops the decoded pixels and gives the room back.
-    Images the backend has cached processed are never decoded: reserving them too errs on the safe side."""
+    Images the backend has cached processed are never decoded: reserving them too errs on the safe side.
+    Clips reserve what their sampled frames may hold at once (`video_pixels`)."""
     parts = _parts(request.messages)
-    return gate.hold(_decoded_pixels(parts), [p.image for p in parts])
+    return gate.hold(_decoded_pixels(parts) + video_pixels(request), [p.image for p in parts])
+
+
+def video_pixels(request: GenerationRequest) -> int:
+    """Pixels the request's clips may hold decoded at once: every sampled frame, kept at up to 2× its budget."""
+    clips = [p for m in request.messages for p in m.videos]
+    return sum(p.sampling.max_frames * 2 * p.budget.max_pixels for p in clips)
