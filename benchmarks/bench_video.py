@@ -93,6 +93,7 @@ def through_server(folder: Path, clip: bytes, requests: int, fps: float, dtype: 
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        "logprobs": True,  # a token's logprob entry marks it: the first chunk may carry only the role
     }
     ttfts, video_tokens = [], 0
     with server_process(folder, dtype) as base, httpx.Client(base_url=base, timeout=300) as client:
@@ -104,7 +105,8 @@ def through_server(folder: Path, clip: bytes, requests: int, fps: float, dtype: 
                     if not line.startswith("data: {"):
                         continue
                     chunk = json.loads(line[6:])
-                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content") is not None and first is None:
+                    choice = chunk["choices"][0] if chunk["choices"] else {}
+                    if (choice.get("logprobs") or {}).get("content") and first is None:  # the first real token
                         first = time.perf_counter()
                     if chunk.get("usage"):
                         video_tokens = chunk["usage"]["prompt_tokens_details"]["video_tokens"]
