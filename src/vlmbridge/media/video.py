@@ -194,7 +194,7 @@ class DecodedVideo:
                         break  # every target has its frame: the rest need not be decoded
         except VideoInputError:
             raise
-        except (av.FFmpegError, ValueError, OSError, EOFError, MemoryError) as exc:
+        except Exception as exc:  # whatever FFmpeg or the conversion makes of these bytes, they are the caller's
             raise VideoInputError(
                 f"video could not be decoded: {str(exc)[:200]}", param=self.param, code="invalid_video"
             ) from None
@@ -249,7 +249,7 @@ def probe_video(
             source_fps = float(rate) if rate else None
     except VideoInputError:
         raise
-    except (av.FFmpegError, ValueError, OSError, EOFError, MemoryError, IndexError) as exc:
+    except Exception as exc:  # a file FFmpeg cannot read is the caller's input, never a 500
         raise VideoInputError(f"video could not be read: {str(exc)[:200]}", param=param, code="invalid_video") from None
     if codec not in ALLOWED_CODECS:
         raise VideoInputError(
