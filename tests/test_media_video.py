@@ -142,3 +142,25 @@ def test_clips_reserve_their_frames_on_the_pixel_gate() -> None:
         with pytest.raises(QueueFullError):
             hold_images(gate, request)  # a second clip would pass the bound: 429, retry later
     assert gate.in_flight == 0
+
+
+def test_long_clips_are_sampled_by_seeking_with_the_same_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from vlmbridge.media import video
+
+    clip = probe_video(clip_bytes(frames=600, fps=5, gop=10))  # 2 minutes, a keyframe every 2 s
+    sampling = VideoSampling(fps=2, max_frames=4)
+    seeking = clip.frames(sampling)
+    assert seeking.timestamps == (0.0, 30.0, 60.0, 90.0)
+    assert seeking.decoded < 60  # a few frames per target, not 600
+    monkeypatch.setattr(video, "SEEK_GAP_S", float("inf"))
+    walking = clip.frames(sampling)
+    assert walking.decoded > 400 and walking.timestamps == seeking.timestamps
+    assert all(np.array_equal(a, b) for a, b in zip(seeking.frames, walking.frames, strict=True))
+
+
+def test_sparse_keyframes_stop_the_seeking() -> None:
+    clip = probe_video(clip_bytes(frames=300, fps=5, gop=300))  # one keyframe for the whole minute
+    frames = clip.frames(VideoSampling(fps=2, max_frames=6))
+    assert len(frames.frames) == 6 and frames.decoded < 2 * 300  # never back to the start again and again

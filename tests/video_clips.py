@@ -20,6 +20,7 @@ def clip_bytes(
     fmt: str = "mp4",
     rotation: int | None = None,
     times: Sequence[int] | None = None,
+    gop: int | None = None,
 ) -> bytes:
     """A clip of `frames` frames at `fps`; `seed` picks the colours and where the bar starts. `times` (seconds)
     places the frames at those instants instead (a 1-fps time base)."""
@@ -38,6 +39,8 @@ def clip_bytes(
             stream.options = {"preset": "ultrafast"}
         if rotation:
             stream.set_display_rotation(rotation)
+        if gop:
+            stream.codec_context.gop_size = gop
         for i in range(len(times) if times is not None else frames):
             rgb = np.empty((height, width, 3), np.uint8)
             rgb[:] = background

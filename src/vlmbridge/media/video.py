@@ -39,6 +39,7 @@ __all__ = [
 
 ALLOWED_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4"})
 _MKV_MAGIC = b"\x1a\x45\xdf\xa3"  # EBML header: Matroska and WebM
+SEEK_GAP_S = 2.0  # a target this far past the last decoded frame is reached by seeking, not by decoding through
 
 
 def sniff_container(data: bytes) -> str | None:
@@ -83,6 +84,7 @@ class VideoFrames:
     timestamps: tuple[float, ...]
     source_fps: float
     duration: float
+    decoded: int = 0  # frames the decoder produced to find these (seeking skips the rest)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -156,42 +158,38 @@ class DecodedVideo:
     def _decode(self, sampling: VideoSampling) -> VideoFrames:
         import av
 
-        limits = self.limits
-        deadline = time.monotonic() + limits.decode_timeout
         fps_src = self.source_fps or sampling.fps
         # Unknown duration: sample as if it were the longest allowed; targets past the end stay unused.
-        targets = sample_times(self.duration or limits.max_seconds, sampling.fps, sampling.max_frames)
+        targets = sample_times(self.duration or self.limits.max_seconds, sampling.fps, sampling.max_frames)
         picked: list[Any] = []
         times: list[float] = []
-        walked = 0
-        last_time = 0.0
+        walk = _Walk(self.limits, self.param, fps_src)
         try:
             with av.open(io.BytesIO(self._data), mode="r", format=self.container) as container:
                 stream = container.streams.video[0]
-                for frame in container.decode(stream):
-                    walked += 1
-                    t = float(frame.time) if frame.time is not None else (walked - 1) / fps_src
-                    last_time = max(last_time, t)
-                    if walked > limits.max_source_frames or t > limits.max_seconds:
-                        raise VideoInputError(
-                            f"video runs past {limits.max_source_frames} frames or {limits.max_seconds:g} s while "
-                            "decoding (more than its header said)",
-                            param=self.param,
-                            code="video_too_long",
-                        )
-                    if time.monotonic() > deadline:
-                        raise VideoInputError(
-                            f"video took longer than {limits.decode_timeout:g} s to decode",
-                            param=self.param,
-                            code="video_decode_timeout",
-                        )
-                    if len(picked) < len(targets) and t + 1e-6 >= targets[len(picked)]:
-                        picked.append(self._rgb(frame, sampling.max_pixels))
-                        times.append(t)
-                        while len(picked) < len(targets) and targets[len(picked)] <= t:
-                            targets.pop(len(picked))  # one frame serves every target it already passed
-                    elif len(picked) >= len(targets) and self.duration is not None:
-                        break  # every target has its frame: the rest need not be decoded
+                base = stream.time_base
+                start = float(stream.start_time * base) if stream.start_time and base else 0.0
+                frames = iter(container.decode(stream))
+                seeking, i = base is not None, 0
+                while i < len(targets):
+                    behind = walk.position
+                    jumped = seeking and start + targets[i] - behind > SEEK_GAP_S
+                    if jumped and base is not None:
+                        # Far ahead (a long clip under max_frames): jump to the keyframe before the target
+                        # instead of decoding everything in between.
+                        container.seek(int((start + targets[i]) / base), stream=stream, backward=True)
+                        frames = iter(container.decode(stream))
+                        walk.restart = None
+                    found = walk.until(frames, start + targets[i])
+                    if jumped and walk.restart is not None and walk.restart <= behind:
+                        seeking = False  # keyframes too sparse: the jump went back; decoding on is cheaper
+                    if found is None:
+                        break
+                    frame, t = found
+                    picked.append(self._rgb(frame, sampling.max_pixels))
+                    times.append(t - start)
+                    while i < len(targets) and start + targets[i] <= t:
+                        i += 1  # one frame serves every target it already passed
         except VideoInputError:
             raise
         except Exception as exc:  # whatever FFmpeg or the conversion makes of these bytes, they are the caller's
@@ -200,8 +198,8 @@ class DecodedVideo:
             ) from None
         if not picked:
             raise VideoInputError("video holds no decodable frame", param=self.param, code="invalid_video")
-        duration = self.duration if self.duration is not None else last_time + 1 / fps_src
-        return VideoFrames(tuple(picked), tuple(times), float(fps_src), float(duration))
+        duration = self.duration if self.duration is not None else walk.last + 1 / fps_src
+        return VideoFrames(tuple(picked), tuple(times), float(fps_src), float(duration), decoded=walk.count)
 
     def _rgb(self, frame: Any, max_pixels: int | None) -> Any:
         import numpy as np
@@ -215,6 +213,44 @@ class DecodedVideo:
         turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
         # The display matrix rotates counterclockwise by `rotation` degrees (as FFmpeg's autorotate applies it).
         return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
+
+
+class _Walk:
+    """Frames decoded for one clip, against the limits: frames walked, time reached, wall time spent."""
+
+    def __init__(self, limits: VideoLimits, param: str, fps: float) -> None:
+        self.limits, self.param, self.fps = limits, param, fps
+        self.deadline = time.monotonic() + limits.decode_timeout
+        self.count = 0
+        self.position = 0.0  # time of the frame decoded last (seconds, as stored)
+        self.last = 0.0
+        self.restart: float | None = 0.0  # time of the first frame decoded after a seek (None: none yet)
+
+    def until(self, frames: Any, target: float) -> tuple[Any, float] | None:
+        """The first frame at or after `target` (seconds, as stored); None when the clip ends first."""
+        limits = self.limits
+        for frame in frames:
+            self.count += 1
+            t = float(frame.time) if frame.time is not None else (self.count - 1) / self.fps
+            self.position, self.last = t, max(self.last, t)
+            if self.restart is None:
+                self.restart = t
+            if self.count > limits.max_source_frames or t > limits.max_seconds:
+                raise VideoInputError(
+                    f"video runs past {limits.max_source_frames} frames or {limits.max_seconds:g} s while decoding "
+                    "(more than its header said)",
+                    param=self.param,
+                    code="video_too_long",
+                )
+            if time.monotonic() > self.deadline:
+                raise VideoInputError(
+                    f"video took longer than {limits.decode_timeout:g} s to decode",
+                    param=self.param,
+                    code="video_decode_timeout",
+                )
+            if t + 1e-6 >= target:
+                return frame, t
+        return None
 
 
 def probe_video(
