@@ -156,6 +156,13 @@ class ModelSettings(BaseModel):
         description="process: the model's engine runs in its own worker process (a crash fails only its requests "
         "and it restarts; unloading frees all its memory); thread: in the server's process (debugging, tests).",
     )
+    grammar_compile_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Seconds a response_format schema or tool grammar may take to compile (off the engine thread); "
+        "a slower one is a 400.",
+    )
     engine_stall_timeout: float = Field(
         120.0,
         ge=0,

@@ -23,14 +23,16 @@ __all__ = [
     "PixelBudget",
     "PromptInfo",
     "SamplingParams",
+    "StructuredSpec",
     "TextPart",
     "TokenChoice",
     "TokenLogprob",
+    "ToolCall",
     "Usage",
     "VideoPart",
 ]
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 Role = Literal["system", "user", "assistant", "tool"]
 
 
@@ -71,10 +73,21 @@ Content = str | tuple[TextPart | ImagePart | VideoPart, ...]
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call: from the model (parsed by the front) or in an assistant message of the history."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text (as OpenAI sends and expects it)
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: Role
     content: Content
     reasoning_content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant messages that called tools
+    tool_call_id: str | None = None  # a tool message: which call it answers
 
     @property
     def images(self) -> tuple[ImagePart, ...]:
@@ -109,6 +122,22 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class StructuredSpec:
+    """What the answer must look like, backend-neutral: a JSON schema as text, never a library's object (each
+    backend compiles it its own way: the transformers backend with xgrammar, vLLM with its structured outputs).
+
+    - json_object: any JSON object.
+    - json_schema: an instance of `schema`.
+    - tool_calls: one or more `<tool_call>\\n{call}\\n</tool_call>` blocks, each `{call}` an instance of `schema`
+      (an anyOf over the tools' {"name": const, "arguments": parameters}); only one block unless `parallel`.
+    """
+
+    kind: Literal["json_object", "json_schema", "tool_calls"]
+    schema: str = ""  # canonical JSON (sorted keys, no spaces): its hash is the compiled grammar's cache key
+    parallel: bool = False
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -118,6 +147,12 @@ class GenerationRequest:
     deadline: float | None = None
     # Whether max_new_tokens came from the caller (then a context overflow is an error, not a silent cap).
     max_tokens_explicit: bool = False
+    # Constrained decoding (response_format, or tool_choice required/named); None = free text.
+    structured: StructuredSpec | None = None
+    # OpenAI function tools, as the chat template takes them ({"type": "function", "function": {...}}).
+    tools: tuple[Mapping[str, Any], ...] = ()
+    # Whether the front turns `<tool_call>` blocks in the answer into tool calls (tools given, tool_choice not none).
+    parse_tool_calls: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +187,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: Exception | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # calls completed in this chunk, in order (their index is their position)
 
 
 # --- what a backend answers ------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A backend speaks token ids (`EngineOutput`); the pipeline turns each into a `GenerationChunk` with text. Stop
 strings are matched here: when one appears, the pipeline finishes the request ("stop") and asks the backend to
-abort it, so backends never see text. Tool-call parsing and structured output plug in here later.
+abort it, so backends never see text. When the request has tools, `<tool_call>` blocks in the answer become tool
+calls here too (toolcalls.py), the same for every backend; a request that called a tool finishes "tool_calls".
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from vlmbridge.engine.types import (
 )
 from vlmbridge.output.counting import PromptCounter
 from vlmbridge.output.textstream import IncrementalDecoder, ReasoningSplitter, StopMatcher, TextDelta, token_text_table
+from vlmbridge.output.toolcalls import ToolCallParser
 
 __all__ = ["OutputPipeline", "TextTools"]
 
@@ -58,6 +60,9 @@ class OutputPipeline:
         self._stopper = StopMatcher(request.sampling.stop)
         self._splitter: ReasoningSplitter | None = None
         self._want_logprobs = request.sampling.logprobs
+        self._calls: ToolCallParser | None = None
+        if request.parse_tool_calls:
+            self._calls = ToolCallParser([str(t.get("function", {}).get("name", "")) for t in request.tools])
         self.prompt = PromptInfo(prompt_tokens=0)
         self.completion_tokens = 0
         self.finished: FinishReason | None = None
@@ -91,8 +96,18 @@ class OutputPipeline:
         if finish is not None:
             tail = self._splitter.flush()
             delta = TextDelta(text=delta.text + tail.text, reasoning=delta.reasoning + tail.reasoning)
+        calls: list[Any] = []
+        if self._calls is not None:
+            shown, calls = self._calls.feed(delta.text)
+            if finish is not None:
+                shown += self._calls.flush()
+                if finish == "stop" and self._calls.calls:
+                    finish = "tool_calls"
+            delta = TextDelta(text=shown, reasoning=delta.reasoning)
+        if finish is not None:
             self.finished = finish
         return GenerationChunk(
+            tool_calls=tuple(calls),
             text=delta.text,
             reasoning=delta.reasoning,
             token_ids=out.token_ids,

@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from vlmbridge.engine.types import (
     ChatMessage,
@@ -18,6 +19,7 @@ from vlmbridge.engine.types import (
     PixelBudget,
     SamplingParams,
     TextPart,
+    ToolCall,
     VideoPart,
 )
 from vlmbridge.errors import ImageInputError, VideoInputError
@@ -27,6 +29,7 @@ from vlmbridge.media.inflight import PixelGate, PixelReservation
 from vlmbridge.media.limits import in_flight_limit, request_limit
 from vlmbridge.media.video import DecodedVideo, VideoSampling
 from vlmbridge.server.schemas import ChatCompletionRequest, ContentPart
+from vlmbridge.server.structured import response_format_spec, tool_call_spec
 from vlmbridge.settings import Settings
 
 __all__ = [
@@ -153,7 +156,16 @@ async def to_generation_request(
                 media = images.get((mi, pi)) or videos.get((mi, pi))
                 parts.append(media if media is not None else TextPart(part.text or ""))
             content = tuple(parts)
-        messages.append(ChatMessage(role=role, content=content, reasoning_content=message.reasoning_content))
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ())
+        messages.append(
+            ChatMessage(
+                role=role,
+                content=content,
+                reasoning_content=message.reasoning_content,
+                tool_calls=calls,
+                tool_call_id=message.tool_call_id,
+            )
+        )
 
     max_tokens = req.requested_max_tokens
     seed = req.seed % (2**63) if req.seed is not None else None
@@ -178,7 +190,18 @@ async def to_generation_request(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         deadline=time.monotonic() + settings.request_timeout,
         max_tokens_explicit=max_tokens is not None,
+        **_structured_fields(req),
     )
+
+
+def _structured_fields(req: ChatCompletionRequest) -> dict[str, Any]:
+    """response_format and tools: the grammar spec, the tools for the template, whether to parse calls."""
+    tools = tuple(t.model_dump(exclude_none=True) for t in req.tools or ())
+    spec = tool_call_spec(tools, req.forced_tool, req.parallel_tool_calls) if tools else None
+    if spec is None and req.response_format is not None:
+        spec = response_format_spec(req.response_format.type, req.response_format.json_schema)
+    # tool_choice none: the tools stay in the prompt (as OpenAI and vLLM do) but the answer is text.
+    return {"structured": spec, "tools": tools, "parse_tool_calls": bool(tools) and req.tool_choice != "none"}
 
 
 def _parts(messages: tuple[ChatMessage, ...]) -> list[ImagePart]:

@@ -70,7 +70,38 @@ _LOGPROBS: Schema = {
         {"type": "object", "required": ["content"], "properties": {"content": {"type": "array"}}},
     ]
 }
-_FINISH_REASON: Schema = {"anyOf": [{"type": "string", "enum": ["stop", "length"]}, {"type": "null"}]}
+_FINISH_REASON: Schema = {"anyOf": [{"type": "string", "enum": ["stop", "length", "tool_calls"]}, {"type": "null"}]}
+_TOOL_CALL: Schema = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"type": "string", "const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {
+                "name": {"type": "string"},
+                "arguments": {"type": "string", "description": "A JSON object, as text."},
+            },
+        },
+    },
+}
+_TOOL_CALL_DELTA: Schema = {
+    "type": "object",
+    "required": ["index"],
+    "description": 'A call\'s first delta has id, type and function.name (arguments ""); the next ones only '
+    "index and function.arguments.",
+    "properties": {
+        "index": {"type": "integer", "minimum": 0},
+        "id": {"type": "string"},
+        "type": {"type": "string", "const": "function"},
+        "function": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
+}
 
 # Response bodies, registered as components. Objects stay open (no additionalProperties: false) so that adding a
 # field to a response is not a breaking change for generated clients.
@@ -104,6 +135,7 @@ _COMPONENTS: dict[str, Schema] = {
                                     "type": "string",
                                     "description": "Thinking models' reasoning, apart from the answer.",
                                 },
+                                "tool_calls": {"type": "array", "items": _TOOL_CALL},
                             },
                         },
                         "logprobs": _LOGPROBS,
@@ -138,6 +170,7 @@ _COMPONENTS: dict[str, Schema] = {
                                 "role": {"type": "string"},
                                 "content": {"type": "string"},
                                 "reasoning_content": {"type": "string"},
+                                "tool_calls": {"type": "array", "items": _TOOL_CALL_DELTA},
                             },
                         },
                         "logprobs": _LOGPROBS,

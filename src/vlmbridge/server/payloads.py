@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmbridge.engine.types import GenerationChunk, TokenLogprob, Usage
+from vlmbridge.engine.types import GenerationChunk, TokenLogprob, ToolCall, Usage
 
 __all__ = ["DONE", "KEEPALIVE", "Completion", "sse", "usage_dict"]
 
@@ -44,6 +44,10 @@ def _logprob_entry(lp: TokenLogprob) -> dict[str, Any]:
     }
 
 
+def _call_entry(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 @dataclass
 class Completion:
     """Builds the response (non-stream) or the chunks (stream) of one chat completion."""
@@ -59,8 +63,10 @@ class Completion:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def add(self, chunk: GenerationChunk) -> None:
+        self.tool_calls.extend(chunk.tool_calls)
         self.text.append(chunk.text)
         self.reasoning.append(chunk.reasoning)
         self.logprobs.extend(_logprob_entry(lp) for lp in chunk.logprobs)
@@ -71,6 +77,9 @@ class Completion:
     # --- non-stream -----------------------------------------------------------------------------------------
     def response(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
+        if self.tool_calls:
+            message["content"] = message["content"] or None  # as OpenAI: a call without words has no content
+            message["tool_calls"] = [_call_entry(call) for call in self.tool_calls]
         reasoning = "".join(self.reasoning)
         if reasoning:
             message["reasoning_content"] = reasoning
@@ -120,7 +129,17 @@ class Completion:
             if self.want_logprobs:
                 choice["logprobs"] = {"content": entries}
             events.append(sse(self._chunk([choice])))
-        if chunk.finish_reason in ("stop", "length"):
+        for call in chunk.tool_calls:
+            # Per call, never interleaved: its id, type and name with empty arguments, then only the arguments
+            # (the openai client concatenates by index; Dify's SDK matches the id and appends to the last call).
+            index = len(self.tool_calls)
+            self.tool_calls.append(call)
+            head = {"index": index, **_call_entry(call)}
+            head["function"] = {"name": call.name, "arguments": ""}
+            body = {"index": index, "function": {"arguments": call.arguments}}
+            for part in (head, body):
+                events.append(sse(self._chunk([{"index": 0, "delta": {"tool_calls": [part]}, "finish_reason": None}])))
+        if chunk.finish_reason in ("stop", "length", "tool_calls"):
             finish = self._chunk([{"index": 0, "delta": {}, "finish_reason": chunk.finish_reason}])
             if self.usage_on_finish and not self.include_usage and chunk.usage is not None:
                 # Dify's SDK takes `usage` from any chunk; without it, it counts GPT-2 tokens (and downloads

@@ -1,26 +1,25 @@
 """The OpenAI chat-completions request, validated strictly: unknown fields are a 400 that names them.
 
 A few fields Dify or the openai client send routinely are accepted and ignored (see IGNORED_FIELDS); features we
-plan but do not have yet (tools, structured output) are refused by name with "not supported yet".
+plan but do not have yet (legacy `functions`) are refused by name with "not supported yet".
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlmbridge.errors import NotSupportedError
 
-__all__ = ["ChatCompletionRequest", "ContentPart", "ImageURL", "Message", "VideoURL"]
+__all__ = ["ChatCompletionRequest", "ContentPart", "ImageURL", "Message", "MessageToolCall", "Tool", "VideoURL"]
 
 # Sent by clients as a matter of course; they do not change what we generate.
-IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
 _NOT_YET = {
-    "tools": "tool calling is not supported yet (planned)",
-    "tool_choice": "tool calling is not supported yet (planned)",
-    "functions": "function calling is not supported yet (planned)",
-    "function_call": "function calling is not supported yet (planned)",
+    "functions": "the legacy `functions` field is not supported; send `tools`",
+    "function_call": "the legacy `function_call` field is not supported; send `tool_choice`",
     "logit_bias": "logit_bias is not supported yet",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
@@ -28,6 +27,8 @@ _NOT_YET = {
 }
 MAX_STOP = 16
 MAX_STOP_LEN = 512
+MAX_TOOLS = 128
+MAX_TOOLS_BYTES = 64 << 10
 
 
 class _Strict(BaseModel):
@@ -82,20 +83,63 @@ class ContentPart(_Strict):
         return self
 
 
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str = Field(max_length=1 << 20)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value or "{}")
+        except ValueError:
+            raise ValueError("function.arguments must be a JSON object as a string") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("function.arguments must be a JSON object as a string")
+        return value or "{}"
+
+
+class MessageToolCall(_Strict):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(None, max_length=256)
     reasoning_content: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOLS)
 
     @model_validator(mode="after")
     def _supported(self) -> Message:
-        if self.tool_calls:
-            raise NotSupportedError("tool calling is not supported yet (planned)", param="messages.tool_calls")
-        if self.role == "tool":
-            raise NotSupportedError("tool messages are not supported yet (planned)", param="messages.role")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages carry tool_call_id")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         if self.role != "user" and isinstance(self.content, list) and any(p.type != "text" for p in self.content):
@@ -133,6 +177,9 @@ class ChatCompletionRequest(_Strict):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     # Dify's OpenAI-compatible provider in "extended" mode sends these next to chat_template_kwargs.
     enable_thinking: bool | None = None
@@ -148,7 +195,7 @@ class ChatCompletionRequest(_Strict):
             return value
         for name, reason in _NOT_YET.items():
             present = value.get(name)
-            if present not in (None, [], {}, "none", "auto") or (name == "tool_choice" and present == "required"):
+            if present not in (None, [], {}, "none", "auto"):
                 raise NotSupportedError(reason, param=name)
         return {k: v for k, v in value.items() if k not in IGNORED_FIELDS and k not in _NOT_YET}
 
@@ -176,11 +223,16 @@ class ChatCompletionRequest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise NotSupportedError(
-                f"response_format {self.response_format.type!r} is not supported yet (structured output is planned)",
-                param="response_format",
-            )
+        if self.tools is not None:
+            if len(json.dumps([t.model_dump(exclude_none=True) for t in self.tools])) > MAX_TOOLS_BYTES:
+                raise ValueError(f"the tools take more than {MAX_TOOLS_BYTES} bytes as JSON")
+            names = [t.function.name for t in self.tools]
+            if len(set(names)) != len(names):
+                raise ValueError("tool function names must be unique")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice requires tools")
+        if self.forced_tool is not None and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format cannot be combined with tool_choice required or a named function")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
@@ -201,6 +253,13 @@ class ChatCompletionRequest(_Strict):
         if switch is not None:
             kwargs.setdefault("enable_thinking", switch)
         return kwargs
+
+    @property
+    def forced_tool(self) -> str | None:
+        """`required`, a function name, or None (auto/none: the model decides, nothing is enforced)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return "required" if self.tool_choice == "required" else None
 
     @property
     def stop_list(self) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestS
 from vlmbridge.engine.transformers.batch import RunningBatch
 from vlmbridge.engine.transformers.caches import EncoderCache, PrefixCache, PrefixHit
 from vlmbridge.engine.transformers.family import adapter_for
+from vlmbridge.engine.transformers.grammar import GrammarBook
 from vlmbridge.engine.transformers.prefill import Prefilled, Prefiller
 from vlmbridge.engine.transformers.prompt import PreparedRequest, PromptBuilder
 from vlmbridge.engine.transformers.sampling import Sampler, resolve_sampling
@@ -84,6 +85,7 @@ class EngineLimits:
     # The worker counts as stuck (state "failed") once one loop iteration runs longer than this; 0 = never.
     # Generous on purpose: one long prefill on a CPU takes many seconds.
     stall_after_s: float = 120.0
+    grammar_compile_timeout_s: float = 10.0
 
     @classmethod
     def from_settings(cls, model: ModelSettings, *, on_cpu: bool = False) -> EngineLimits:
@@ -106,6 +108,7 @@ class EngineLimits:
             prefill_threads=prefill_threads,
             decode_threads=decode_threads,
             stall_after_s=model.engine_stall_timeout,
+            grammar_compile_timeout_s=model.grammar_compile_timeout,
         )
 
 
@@ -203,6 +206,8 @@ class TransformersEngine:
         # Called on the engine's thread after every loop iteration: a worker process sends that step's outputs
         # to the front as one message instead of one per request.
         self.step_done: Callable[[], None] | None = None
+        self._grammars: GrammarBook | None = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
 
     # --- Engine interface -------------------------------------------------------------------------------
     @property
@@ -299,7 +304,7 @@ class TransformersEngine:
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Render and tokenize the prompt, process images, check the context. Thread-safe; raises 4xx errors."""
-        inputs = self.prompts.build(request.messages, request.chat_template_kwargs)
+        inputs = self.prompts.build(request.messages, request.chat_template_kwargs, tools=request.tools)
         room = self.context_length - inputs.prompt_tokens
         wanted = request.sampling.max_new_tokens or self.limits.default_max_new_tokens
         if wanted > room:
@@ -313,7 +318,18 @@ class TransformersEngine:
             wanted = room
         if not request.request_id:
             request = replace(request, request_id=f"req-{next(self._ids)}")
-        return PreparedRequest(request=request, inputs=inputs, max_new_tokens=wanted)
+        grammar = self.grammars().compiled(request.structured) if request.structured is not None else None
+        return PreparedRequest(request=request, inputs=inputs, max_new_tokens=wanted, grammar=grammar)
+
+    def grammars(self) -> GrammarBook:
+        """The engine's grammar compiler and cache (built once, on first use: it reads the whole vocabulary)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarBook(
+                    self.loaded.tokenizer, self._vocab, self._eos,
+                    compile_timeout_s=self.limits.grammar_compile_timeout_s,
+                )  # fmt: skip
+            return self._grammars
 
     def submit(
         self,
@@ -389,6 +405,8 @@ class TransformersEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._grammars is not None:
+            self._grammars.close()
         self._state, self._reason = "stopped", "shut down"
 
     # --- worker -----------------------------------------------------------------------------------------
@@ -519,10 +537,15 @@ class TransformersEngine:
     def _sequence(self, q: _Queued) -> Sequence:
         prepared = q.prepared
         resolved = resolve_sampling(prepared.request.sampling, self.loaded.model.generation_config)
+        constraint = None
+        if prepared.grammar is not None:
+            # A thinking model's reasoning is free; the grammar takes over at `</think>`.
+            think_end = self.prompts.think_end_id if prepared.inputs.ends_in_think_block else None
+            constraint = self.grammars().constraint(prepared.grammar, dormant_until=think_end)
         return Sequence(
             prepared=prepared,
             stream=q.stream,
-            sampler=Sampler(resolved, prepared.inputs.input_ids, self._vocab, self.loaded.device),
+            sampler=Sampler(resolved, prepared.inputs.input_ids, self._vocab, self.loaded.device, constraint),
             eos=self._eos,
         )
 

@@ -9,14 +9,15 @@ or end a turn early.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vlmbridge.engine.transformers.caches import PixelCache
 from vlmbridge.engine.transformers.pixels import ImagePixels, image_key
 from vlmbridge.engine.transformers.videos import VideoPixels, video_key
-from vlmbridge.engine.types import ChatMessage, GenerationRequest, PixelBudget, TextPart, VideoPart
+from vlmbridge.engine.types import ChatMessage, GenerationRequest, PixelBudget, TextPart, ToolCall, VideoPart
 from vlmbridge.errors import ContextLengthError, InvalidRequestError
 from vlmbridge.geometry import smart_resize, tokens_for_image
 
@@ -65,6 +66,7 @@ class PreparedRequest:
     request: GenerationRequest
     inputs: ModelInputs
     max_new_tokens: int
+    grammar: Any = None  # the compiled grammar of request.structured (grammar.py), None for free text
 
 
 class PromptBuilder:
@@ -91,6 +93,7 @@ class PromptBuilder:
         size = getattr(image_processor, "size", None)
         self.default_min_pixels = int(getattr(size, "shortest_edge", None) or 3136)
         self.image_token_id = self._token_id(image_token)  # the family's placeholder (see family.py)
+        self.think_end_id = self._token_id("</think>")  # where a thinking model's answer begins
         self.pixel_cache = PixelCache(pixel_cache_bytes) if processor is not None and pixel_cache_bytes > 0 else None
         self._pixels = ImagePixels(processor, self.pixel_cache, self.default_min_pixels)
         self._videos = VideoPixels(processor, self.pixel_cache)
@@ -160,10 +163,20 @@ class PromptBuilder:
             entry: dict[str, Any] = {"role": msg.role, "content": content}
             if msg.reasoning_content:
                 entry["reasoning_content"] = msg.reasoning_content
+            if msg.tool_calls:
+                entry["tool_calls"] = [_template_call(call) for call in msg.tool_calls]
+            if msg.tool_call_id is not None:
+                entry["tool_call_id"] = msg.tool_call_id
             out.append(entry)
         return out
 
-    def build(self, messages: tuple[ChatMessage, ...], template_kwargs: Mapping[str, Any] | None = None) -> ModelInputs:
+    def build(
+        self,
+        messages: tuple[ChatMessage, ...],
+        template_kwargs: Mapping[str, Any] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] = (),
+    ) -> ModelInputs:
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         kwargs = dict(template_kwargs or {})
@@ -189,6 +202,8 @@ class PromptBuilder:
             sanitize_control_tokens=True,
             **kwargs,
         )
+        if tools:  # the template renders them its own way (Qwen: a # Tools block in the system turn)
+            common["tools"] = [dict(tool) for tool in tools]
         try:
             if self.processor is not None:
                 enc = self._pixels.processor_for(processed, videos).apply_chat_template(conv, **common)
@@ -258,6 +273,16 @@ class PromptBuilder:
                 )
             spans.append((first[0], run[1]))
         return tuple(spans)
+
+
+def _template_call(call: ToolCall) -> dict[str, Any]:
+    """A history tool call as chat templates take it: arguments as an object (as vLLM passes them; the Qwen
+    templates write `arguments | tojson`, which would quote a string again)."""
+    try:
+        arguments: Any = json.loads(call.arguments)
+    except ValueError:
+        arguments = call.arguments  # the front checked it; a template that wants text still gets it
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
 def _runs(ids: list[int], token: int | None) -> list[tuple[int, int]]:

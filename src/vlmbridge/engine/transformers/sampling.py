@@ -4,6 +4,9 @@ Each request owns its sampler (and its own torch.Generator), so batching request
 any one of them samples. Penalties follow OpenAI's definitions (presence/frequency over the completion so far)
 and transformers' repetition_penalty (over prompt and completion), which generation_config.json may set.
 
+A request with a grammar (`constraint`, see grammar.py) has its own row masked before anything else: penalties,
+temperature and top-k/top-p then work on the tokens the grammar allows, and logprobs stay the model's own.
+
 Scores are computed in float32 and kept in a range softmax and multinomial accept: NaN becomes -inf, +inf the
 largest finite float. If nothing finite is left (extreme penalties), the model's own best token is taken.
 """
@@ -74,10 +77,13 @@ def resolve_sampling(params: SamplingParams, generation_config: Any) -> Resolved
 class Sampler:
     """Chooses the next token of one sequence from its logits row."""
 
-    def __init__(self, resolved: ResolvedSampling, prompt_ids: Any, vocab_size: int, device: Any):
+    def __init__(
+        self, resolved: ResolvedSampling, prompt_ids: Any, vocab_size: int, device: Any, constraint: Any = None
+    ):
         import torch
 
         self.cfg = resolved
+        self.constraint = constraint  # a grammar.Constraint, or None for free text
         self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
         self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         ids = prompt_ids.reshape(-1).to(device)
@@ -86,6 +92,8 @@ class Sampler:
         self._generator.manual_seed(resolved.seed)
 
     def observe(self, token_id: int) -> None:
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
         if token_id < self._counts.numel():
             self._counts[token_id] += 1
             self._seen[token_id] = True
@@ -96,11 +104,12 @@ class Sampler:
 
         cfg = self.cfg
         raw = _bounded(logits.float())
-        scores = self._penalized(raw)
+        allowed = raw if self.constraint is None else self.constraint.apply(raw.clone())
+        scores = self._penalized(allowed)
         if not cfg.greedy:
             scores = self._filtered(_bounded(scores / cfg.temperature))
         if not bool(torch.isfinite(scores).any()):
-            token = _fallback(raw)  # penalties pushed every score to -inf: take the model's own best
+            token = _fallback(allowed)  # penalties pushed every score to -inf: take the best allowed token
         elif cfg.greedy:
             token = int(torch.argmax(scores))
         else:
