@@ -263,6 +263,36 @@ def _stdin_lines() -> Iterator[bytes]:
             yield line
 
 
+def _builtin_provider_class(base: Any) -> Any:
+    """The SDK's OpenAI-compatible class as Dify's built-in provider (langgenius openai_api_compatible) extends it
+    for structured output: with `structured_output_support: supported` in the credentials, the schema gains a
+    `response_format` rule (text, json_object, json_schema) and a `json_schema` rule; the request is the SDK's."""
+    from dify_plugin.entities.model import DefaultParameterName, I18nObject, ParameterRule, ParameterType
+
+    class BuiltinProvider(base):  # type: ignore[misc, valid-type]
+        def get_customizable_model_schema(self, model: str, credentials: Any) -> Any:
+            entity = super().get_customizable_model_schema(model, credentials)
+            if credentials.get("structured_output_support") == "supported":
+                entity.parameter_rules.append(
+                    ParameterRule(
+                        name=DefaultParameterName.RESPONSE_FORMAT.value,
+                        label=I18nObject(en_US="Response Format"),
+                        type=ParameterType.STRING,
+                        options=["text", "json_object", "json_schema"],
+                        required=False,
+                    )
+                )
+                entity.parameter_rules.append(
+                    ParameterRule(
+                        name=DefaultParameterName.JSON_SCHEMA.value,
+                        use_template=DefaultParameterName.JSON_SCHEMA.value,
+                    )
+                )
+            return entity
+
+    return BuiltinProvider
+
+
 class _Driver:
     def __init__(self, plugin_dir: str) -> None:
         from dify_plugin import OAICompatLargeLanguageModel
@@ -270,7 +300,10 @@ class _Driver:
         sys.path.insert(0, plugin_dir)  # as under the daemon: the plugin folder is the import root
         from models.llm.llm import VlmbridgeLargeLanguageModel
 
-        self.classes = {"plugin": VlmbridgeLargeLanguageModel, "stock": OAICompatLargeLanguageModel}
+        self.classes = {
+            "plugin": VlmbridgeLargeLanguageModel,
+            "stock": _builtin_provider_class(OAICompatLargeLanguageModel),
+        }
         self.air_gap()
 
     @staticmethod
@@ -308,6 +341,7 @@ class _Driver:
             ImagePromptMessageContent,
             SystemPromptMessage,
             TextPromptMessageContent,
+            ToolPromptMessage,
             UserPromptMessage,
             VideoPromptMessageContent,
         )
@@ -342,6 +376,21 @@ class _Driver:
                             )
                         )
                 content = parts
+            if spec["role"] == "tool":
+                out.append(ToolPromptMessage(content=content, tool_call_id=spec["tool_call_id"]))
+                continue
+            if spec.get("tool_calls"):
+                calls = [
+                    AssistantPromptMessage.ToolCall(
+                        id=c["id"], type="function",
+                        function=AssistantPromptMessage.ToolCall.ToolCallFunction(
+                            name=c["name"], arguments=c["arguments"]
+                        ),
+                    )
+                    for c in spec["tool_calls"]
+                ]  # fmt: skip
+                out.append(AssistantPromptMessage(content=content, tool_calls=calls))
+                continue
             cls = {"system": SystemPromptMessage, "user": UserPromptMessage, "assistant": AssistantPromptMessage}
             out.append(cls[spec["role"]](content=content))
         return out
@@ -357,13 +406,20 @@ class _Driver:
         stop: list[str] | None = None,
         user: str | None = None,
         estimate_offline: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         # estimate_offline=False leaves the SDK's own GPT-2 counting in place: on this air-gapped driver it raises
         # if the SDK ever needs it (a stream that ended without usage).
+        from dify_plugin.entities.model.message import PromptMessageTool
+
         llm = self.instance(cls, estimate_offline)
+        prompt_tools = [PromptMessageTool(**t) for t in tools] if tools else None
         chunks = list(
-            llm.invoke(model, credentials, self.messages(messages), dict(parameters or {}), None, stop, stream, user)
+            llm.invoke(
+                model, credentials, self.messages(messages), dict(parameters or {}), prompt_tools, stop, stream, user
+            )
         )
+        calls = [c for chunk in chunks for c in chunk.delta.message.tool_calls or []]
         usage = next((c.delta.usage for c in reversed(chunks) if c.delta.usage is not None), None)
         return {
             "text": "".join(str(c.delta.message.content or "") for c in chunks),
@@ -373,6 +429,8 @@ class _Driver:
             if usage is None
             else {k: getattr(usage, k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
             "estimated": getattr(llm, "estimated", False),
+            # Dify reassembles streamed calls itself (by id, id-less deltas to the last call): what an Agent node sees.
+            "tool_calls": [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in calls],
         }
 
     def op_validate(self, cls: str, model: str, credentials: dict[str, Any]) -> None:

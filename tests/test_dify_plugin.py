@@ -283,22 +283,30 @@ def test_model_that_failed_to_load_is_server_unavailable(driver: DifyDriver, tin
 
 
 # --- model schema --------------------------------------------------------------------------------------------------
-def test_schema_declares_vision_by_default_and_no_tools(driver: DifyDriver) -> None:
+FEATURES = {"vision", "video", "tool-call", "multi-tool-call", "stream-tool-call", "structured-output"}
+
+
+def test_schema_declares_vision_tools_and_structured_output_by_default(driver: DifyDriver) -> None:
     schema = driver.call("schema", cls="plugin", model="m", credentials={"endpoint_url": "http://x/v1"})
-    assert schema["features"] == ["vision", "video"]  # no tool calling: Dify's agent nodes would send tools, a 400
+    assert set(schema["features"]) == FEATURES
     assert schema["properties"] == {"context_size": 32768, "mode": "chat"}
-    assert {"top_k", "seed"} <= set(schema["rules"]) and schema["rules"]["top_p"]["min"] > 0
+    assert {"top_k", "seed", "response_format", "json_schema"} <= set(schema["rules"])
+    assert schema["rules"]["top_p"]["min"] > 0
 
     off = driver.call("schema", cls="plugin", model="m", credentials={"mode": "chat", "vision_support": "no_support"})
     assert "vision" not in off["features"]
+    plain = {"mode": "chat", "function_calling_type": "no_call"}
+    assert set(driver.call("schema", cls="plugin", model="m", credentials=plain)["features"]) == {
+        "vision", "video", "structured-output"
+    }  # fmt: skip
     # The built-in provider's class declares vision only when told: Dify's default there drops every image.
     assert "vision" not in driver.call("schema", cls="stock", model="m", credentials={"mode": "chat"})["features"]
 
 
 def test_remote_models_lists_what_the_server_serves(driver: DifyDriver, server: Server) -> None:
     models = driver.call("remote_models", credentials=creds(server))
-    assert [(m["model"], m["properties"]["context_size"], m["features"]) for m in models] == [
-        (MODEL, 32768, ["vision", "video"])
+    assert [(m["model"], m["properties"]["context_size"], set(m["features"])) for m in models] == [
+        (MODEL, 32768, FEATURES)
     ]
     assert driver.call("remote_models", credentials=creds(server, api_key="nope")) == []
 
@@ -307,7 +315,9 @@ def test_text_only_model_is_offered_without_vision(driver: DifyDriver, tiny_mode
     with running(tiny_model("qwen2"), context_length=4096) as text_server:
         plain = {"endpoint_url": text_server.v1, "mode": "chat", "context_size": "4096"}
         models = driver.call("remote_models", credentials=plain)
-        assert [(m["model"], m["properties"]["context_size"], m["features"]) for m in models] == [(MODEL, 4096, [])]
+        assert [(m["model"], m["properties"]["context_size"], set(m["features"])) for m in models] == [
+            (MODEL, 4096, FEATURES - {"vision", "video"})
+        ]
         with pytest.raises(DriverError) as err:
             driver.call("validate", cls="plugin", model=MODEL, credentials=plain)  # vision defaults to on
         assert "text-only model: set Vision Support to 'Not Support'" in err.value.message

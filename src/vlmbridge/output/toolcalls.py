@@ -30,6 +30,7 @@ class ToolCallParser:
         self._pending = ""
         self._in_call = False
         self._after_call = False  # whitespace right after a call is not content
+        self._gap = ""  # whitespace before the open block: dropped if it is a call, given back if not
         self.calls = 0
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -45,7 +46,7 @@ class ToolCallParser:
                 self._in_call = False
                 call = self._parse(body)
                 if call is None:
-                    shown.append(self._text(OPEN + body + CLOSE))
+                    shown.append(self._text(self._gap + OPEN + body + CLOSE))
                 else:
                     calls.append(call)
                     self._after_call = True
@@ -53,13 +54,15 @@ class ToolCallParser:
             start = self._pending.find(OPEN)
             if start >= 0:
                 before, self._pending = self._pending[:start], self._pending[start + len(OPEN) :]
-                if before.strip():
-                    shown.append(self._text(before))
+                text = before.rstrip()
+                self._gap = before[len(text) :]
+                if text:
+                    shown.append(self._text(text))
                 self._in_call = True
                 continue
-            # Hold what may still become the start of a block, and trailing whitespace that may precede one.
-            hold = max(_partial_suffix(self._pending, OPEN), len(self._pending) - len(self._pending.rstrip()))
-            cut = len(self._pending) - hold
+            # Hold what may still become the start of a block, and the whitespace that may precede one.
+            cut = len(self._pending) - _partial_suffix(self._pending, OPEN)
+            cut = len(self._pending[:cut].rstrip())
             ready, self._pending = self._pending[:cut], self._pending[cut:]
             if ready:
                 shown.append(self._text(ready))
@@ -71,7 +74,7 @@ class ToolCallParser:
         rest, self._pending = self._pending, ""
         if self._in_call:
             self._in_call = False
-            return self._text(OPEN + rest)
+            return self._text(self._gap + OPEN + rest)
         return self._text(rest) if rest.strip() or not self.calls else ""
 
     def _text(self, text: str) -> str:

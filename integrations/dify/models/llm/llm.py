@@ -1,7 +1,9 @@
 """The vlmbridge LLM for Dify: the SDK's OpenAI-compatible model plus what a vlmbridge server offers.
 
 Added to `OAICompatLargeLanguageModel`:
-- vision and video on unless the credentials say otherwise; no tool-calling features (the server has none yet);
+- vision and video on unless the credentials say otherwise; tool calls (OpenAI `tools`, also streamed) and
+  structured output (a `response_format` rule listing json_schema, and a `json_schema` rule), Dify's string
+  parameters turned into the OpenAI objects the server takes;
 - Dify's video contents sent as `video_url` parts (the SDK's converter drops them without a word);
 - typed errors from vlmbridge's error envelope, also for errors sent mid-stream (see vlmbridge_api.py);
 - token counts from the server (POST /tokenize), never tiktoken, which downloads files and fails offline;
@@ -14,6 +16,7 @@ of the module path and fails with an IndexError on shorter paths.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Generator, Mapping
 from typing import Any
@@ -51,10 +54,11 @@ DEFAULT_CREDENTIALS = {
     "max_tokens_to_sample": "4096",
     "vision_support": "support",
     "video_support": "support",
-    "function_calling_type": "no_call",
-    "stream_function_calling": "not_supported",
+    "function_calling_type": "tool_call",
+    "stream_function_calling": "supported",
 }
-_TOOL_FEATURES = {ModelFeature.TOOL_CALL, ModelFeature.MULTI_TOOL_CALL, ModelFeature.STREAM_TOOL_CALL}
+_TOOL_FEATURES = [ModelFeature.TOOL_CALL, ModelFeature.MULTI_TOOL_CALL, ModelFeature.STREAM_TOOL_CALL]
+RESPONSE_FORMATS = ["text", "json_object", "json_schema"]
 _DOCKER_HINT = (
     "Dify calls the model from its plugin_daemon container, where 'localhost' is that container itself: use "
     "http://vlmbridge:8000/v1 when vlmbridge joined Dify's Docker network (deploy/dify.compose.yml), or "
@@ -90,14 +94,23 @@ class VlmbridgeLargeLanguageModel(OAICompatLargeLanguageModel):
         user: str | None = None,
     ) -> LLMResult | Generator[LLMResultChunk, None, None]:
         creds = with_defaults(credentials)
-        if tools:
-            raise api.BadRequest(400, "vlmbridge does not support tool calling yet; remove the tools from this node")
         body: dict[str, Any] = {
             "model": served_name(model, creds),
             "stream": stream,
-            **model_parameters,
+            **openai_parameters(model_parameters),
             "messages": [self._convert_prompt_message_to_dict(m, creds) for m in prompt_messages],
         }
+        if tools and creds.get("function_calling_type") == "tool_call":
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                }
+                for t in tools
+            ]
+            body.setdefault("tool_choice", "auto")
+        else:
+            body.pop("tool_choice", None)  # the rule is set on a node without tools: nothing to choose from
         if stream:
             body["stream_options"] = {"include_usage": True}
         if stop:
@@ -198,8 +211,16 @@ class VlmbridgeLargeLanguageModel(OAICompatLargeLanguageModel):
     def get_customizable_model_schema(self, model: str, credentials: Mapping[str, Any]) -> AIModelEntity:
         creds = with_defaults(credentials)
         entity = super().get_customizable_model_schema(model, creds)
-        # Advertising tool calls would let Dify's agent nodes send `tools`, which the server refuses (400).
-        entity.features = [f for f in entity.features or [] if f not in _TOOL_FEATURES]
+        features = list(entity.features or [])
+        if creds.get("function_calling_type") == "tool_call":  # the server takes OpenAI `tools` (also streamed)
+            features += [f for f in _TOOL_FEATURES if f not in features]
+            if creds.get("stream_function_calling") != "supported":
+                features.remove(ModelFeature.STREAM_TOOL_CALL)
+        else:
+            features = [f for f in features if f not in _TOOL_FEATURES]
+        # Dify uses native structured output only for models with this feature and a response_format rule that
+        # lists json_schema (plus a json_schema rule); the server enforces the schema while generating.
+        entity.features = [*features, ModelFeature.STRUCTURED_OUTPUT]
         if creds.get("video_support") == "support" and ModelFeature.VIDEO not in entity.features:
             entity.features.append(ModelFeature.VIDEO)  # without it Dify drops video files before the model
         for rule in entity.parameter_rules:
@@ -213,6 +234,35 @@ class VlmbridgeLargeLanguageModel(OAICompatLargeLanguageModel):
                 type=ParameterType.INT,
                 min=0,
                 max=1000,
+            ),
+            ParameterRule(
+                name=DefaultParameterName.RESPONSE_FORMAT.value,
+                label=I18nObject(en_US="Response Format"),
+                help=I18nObject(
+                    en_US="json_object: any JSON object; json_schema: an object that follows the JSON Schema below "
+                    "(enforced while generating)."
+                ),
+                type=ParameterType.STRING,
+                options=RESPONSE_FORMATS,
+                required=False,
+            ),
+            ParameterRule(
+                name=DefaultParameterName.JSON_SCHEMA.value,
+                label=I18nObject(en_US="JSON Schema"),
+                help=I18nObject(en_US='The schema, bare or as {"name": ..., "schema": ...}; used with json_schema.'),
+                type=ParameterType.TEXT,
+                required=False,
+            ),
+            ParameterRule(
+                name="tool_choice",
+                label=I18nObject(en_US="Tool choice"),
+                help=I18nObject(
+                    en_US="auto: the model decides; required: it must call one of the node's tools (enforced while "
+                    "generating, so even a small model returns a valid call); none: it answers in text."
+                ),
+                type=ParameterType.STRING,
+                options=["auto", "required", "none"],
+                required=False,
             ),
             ParameterRule(
                 name="seed",
@@ -277,6 +327,32 @@ class VlmbridgeLargeLanguageModel(OAICompatLargeLanguageModel):
             raise CredentialsValidateFailedError(f"the server at {url} answered {exc}") from None
         except ValueError as exc:  # not JSON: something other than vlmbridge answers there
             raise CredentialsValidateFailedError(f"{url} did not answer like a vlmbridge server: {exc}") from None
+
+
+def openai_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Dify's parameters with `response_format` / `json_schema` (strings in Dify) as the OpenAI objects."""
+    params = dict(parameters)
+    fmt = params.pop("response_format", None)
+    schema_text = params.pop(DefaultParameterName.JSON_SCHEMA.value, None)
+    if not fmt or fmt == "text":
+        return params
+    if fmt not in RESPONSE_FORMATS:
+        raise api.BadRequest(400, f"response format {fmt!r} is not one of {', '.join(RESPONSE_FORMATS)}")
+    if fmt == "json_object":
+        params["response_format"] = {"type": "json_object"}
+        return params
+    if not schema_text:
+        raise api.BadRequest(400, "the json_schema response format needs a JSON Schema")
+    try:
+        schema = json.loads(schema_text) if isinstance(schema_text, str) else schema_text
+    except ValueError as exc:
+        raise api.BadRequest(400, f"the JSON Schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise api.BadRequest(400, "the JSON Schema must be a JSON object")
+    # Dify's structured output sends {"schema": S, "name": "llm_response"}; users also paste a bare schema.
+    wrapped = schema if isinstance(schema.get("schema"), dict) else {"name": "response", "schema": schema}
+    params["response_format"] = {"type": "json_schema", "json_schema": wrapped}
+    return params
 
 
 def _pick(entries: list[dict[str, Any]], name: str, url: str) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class GrammarBook:
 
         self._xgr = xgr
         self.vocab_size = vocab_size
-        stops = sorted(stop_ids)
+        stops = sorted(stop_ids) or None  # none known: the tokenizer's own eos
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self.compile_timeout_s = compile_timeout_s
