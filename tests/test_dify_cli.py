@@ -31,13 +31,18 @@ CREDENTIALS = {
     "Function Call Type": "function_calling_type",
     "Stream function calling": "stream_function_calling",
     "Stream mode auth": "stream_mode_auth",
+    "Structured Output": "structured_output_support",
 }
 OPTIONS = {
     "Support": "support",
     "Not Support": "no_support",
     "Chat": "chat",
     "Not Use": "not_use",
+    "Tool Call": "tool_call",
 }
+# Selects whose option values differ from the ones above (the built-in provider's form).
+SUPPORTED = {"Support": "supported", "Not Support": "not_supported"}
+OPTIONS_FOR = {"stream_function_calling": SUPPORTED, "structured_output_support": SUPPORTED}
 
 
 def config_json(*args: str) -> dict[str, Any]:
@@ -56,9 +61,8 @@ def test_config_from_a_model_folder(tiny_model: TinyFactory) -> None:
     assert fields["Model context size"] == "32768"  # min(max_position_embeddings, 32768), as the server uses
     assert fields["Vision Support"] == "Support" and "drops every image" in data["notes"]["Vision Support"]
     assert fields["Delimiter for streaming results"] == "\\n\\n" and fields["Completion mode"] == "Chat"
-    assert (
-        fields["Compatibility mode"].startswith("OpenAI compatible") and fields["Function Call Type"] == "Not Support"
-    )
+    assert fields["Compatibility mode"].startswith("OpenAI compatible") and fields["Function Call Type"] == "Tool Call"
+    assert fields["Stream function calling"] == fields["Structured Output"] == "Support"
     advice = " ".join(data["advice"])
     assert "docker_default" in advice and "MULTIMODAL_SEND_FORMAT=url" in advice and "--allow-image-host" in advice
 
@@ -115,10 +119,17 @@ def test_config_values_work_in_the_built_in_provider(driver: DifyDriver, server:
     data = config_json("--server", server.v1, "--api-key", KEY, "--base-url", server.v1)
     fields = data["fields"]
     assert (fields["Model Name"], fields["Model context size"]) == ("tiny", "4096")  # asked the running server
-    values = {CREDENTIALS[label]: OPTIONS.get(value, value) for label, value in fields.items() if label in CREDENTIALS}
+    values = {
+        CREDENTIALS[label]: OPTIONS_FOR.get(CREDENTIALS[label], OPTIONS).get(value, value)
+        for label, value in fields.items()
+        if label in CREDENTIALS
+    }
     model = values.pop("model")
     schema = driver.call("schema", cls="stock", model=model, credentials=values)
     assert "vision" in schema["features"] and schema["properties"]["context_size"] == 4096
+    # Tool calls (streamed too) and native structured output: Dify then sends tools and response_format.
+    assert {"multi-tool-call", "stream-tool-call"} <= set(schema["features"])
+    assert {"response_format", "json_schema"} <= set(schema["rules"])
 
     driver.call("validate", cls="stock", model=model, credentials=values)
     before = server.metric("vlmbridge_image_tokens_total")

@@ -15,7 +15,9 @@ from tests.conftest import TinyFactory
 from tests.dify_support import DifyDriver, dify_python, image_b64, run_cli, text
 from tests.helpers import png_bytes
 from tests.server_utils import MODEL, Server, running
+from tests.structured_cases import token_budget
 from vlmbridge.integrations.dify import BUILTIN_PROVIDER, PLUGIN_PROVIDER, TEMPLATE_MODEL, render_template, templates
+from vlmbridge.server.structured import check_schema
 
 NAMES = ["homework-intake", "product-tagging", "ugc-moderation", "visual-customer-service"]
 REFERENCE = re.compile(r"\{\{#([\w.-]+)#\}\}")
@@ -43,16 +45,30 @@ def test_template_has_the_structure_difys_importer_needs(name: str) -> None:
     assert mode in ("advanced-chat", "workflow") and dsl["app"]["name"] and dsl["dependencies"] == []
     graph = dsl["workflow"]["graph"]
     ids = [n["id"] for n in graph["nodes"]]
+    kinds = {n["id"]: n["data"]["type"] for n in graph["nodes"]}
     assert len(ids) == len(set(ids)) and all(n["type"] == "custom" and "position" in n for n in graph["nodes"])
     (start,) = nodes_of(dsl, "start")
     (llm,) = nodes_of(dsl, "llm")
-    (last,) = nodes_of(dsl, "answer" if mode == "advanced-chat" else "end")
+    lasts = nodes_of(dsl, "answer" if mode == "advanced-chat" else "end")
 
-    # Edges connect existing nodes, start → llm → answer/end.
+    # Edges connect existing nodes (if-else branches by case id); start → llm first; every node is reached, and
+    # every path ends in an answer/end node.
+    for e in graph["edges"]:
+        assert e["source"] in ids and e["target"] in ids and e["targetHandle"] == "target"
+        assert e["sourceHandle"] == "source" or (
+            kinds[e["source"]] == "if-else" and e["sourceHandle"] in ("true", "false")
+        )
     links = {(e["source"], e["target"]) for e in graph["edges"]}
-    assert all(e["sourceHandle"] == "source" and e["targetHandle"] == "target" for e in graph["edges"])
-    assert all(s in ids and t in ids for s, t in links)
-    assert links == {(start["id"], llm["id"]), (llm["id"], last["id"])}
+    assert {t for s, t in links if s == start["id"]} == {llm["id"]}
+    reached, frontier = {start["id"]}, [start["id"]]
+    while frontier:
+        here = frontier.pop()
+        for s, t in links:
+            if s == here and t not in reached:
+                reached.add(t)
+                frontier.append(t)
+    assert reached == set(ids)
+    assert {s for s, _ in links} == set(ids) - {n["id"] for n in lasts}
 
     # The vlmbridge plugin's model, chat mode, vision on an image-carrying variable.
     model = llm["data"]["model"]
@@ -72,15 +88,76 @@ def test_template_has_the_structure_difys_importer_needs(name: str) -> None:
     # The prompt asks for JSON; every {{#node.var#}} reference names something that exists.
     prompts = [p["text"] for p in llm["data"]["prompt_template"]]
     assert any("JSON" in p for p in prompts)
-    variables = {f"{start['id']}.{v['variable']}" for v in start["data"]["variables"]} | {f"{llm['id']}.text"}
+    fields = llm["data"]["structured_output"]["schema"]["properties"]
+    variables = {f"{start['id']}.{v['variable']}" for v in start["data"]["variables"]} | {
+        f"{llm['id']}.text",
+        f"{llm['id']}.structured_output",
+        *(f"{llm['id']}.structured_output.{f}" for f in fields),
+    }
+    variables |= {f"{n['id']}.body" for n in nodes_of(dsl, "http-request")}
     if mode == "advanced-chat":
         variables |= {"sys.query", "sys.files"}
-    outputs = [last["data"]["answer"]] if mode == "advanced-chat" else []
+    texts = [*prompts, *(n["data"]["answer"] for n in lasts if mode == "advanced-chat")]
+    texts += [n["data"]["url"] for n in nodes_of(dsl, "http-request")]
     memory = llm["data"].get("memory") or {}
-    for ref in REFERENCE.findall(" ".join([*prompts, *outputs, memory.get("query_prompt_template", "")])):
+    for ref in REFERENCE.findall(" ".join([*texts, memory.get("query_prompt_template", "")])):
         assert ref in variables, f"{name}: {{{{#{ref}#}}}} refers to nothing"
+    for node in nodes_of(dsl, "if-else"):
+        for case in node["data"]["cases"]:
+            for cond in case["conditions"]:
+                assert ".".join(cond["variable_selector"]) in variables
     if mode == "workflow":
-        assert [o["value_selector"] for o in last["data"]["outputs"]] == [[llm["id"], "text"]]
+        assert [o["value_selector"] for (last,) in [lasts] for o in last["data"]["outputs"]] == [
+            [llm["id"], "structured_output"]
+        ]
+
+
+# What each template's structured output carries (the issue's field lists).
+FIELDS = {
+    "product-tagging": {"title", "tags", "category", "style"},
+    "ugc-moderation": {"verdict", "categories", "confidence", "reason"},
+    "visual-customer-service": {"answer", "needs_human", "order_id"},
+    "homework-intake": {"subject", "question_text", "student_answer", "grade_level"},
+}
+
+
+def schema_of(name: str) -> dict[str, Any]:
+    (llm,) = nodes_of(load(name), "llm")
+    assert llm["data"]["structured_output_enabled"] is True
+    schema: dict[str, Any] = llm["data"]["structured_output"]["schema"]
+    return schema
+
+
+def _bounded(schema: dict[str, Any]) -> bool:
+    kind = schema.get("type")
+    if kind == "object":
+        return all(_bounded(s) for s in schema["properties"].values())
+    if kind == "array":
+        return "maxItems" in schema and _bounded(schema["items"])
+    if kind == "string":
+        return "maxLength" in schema or "enum" in schema or "pattern" in schema
+    if kind in ("number", "integer"):
+        return "minimum" in schema and "maximum" in schema
+    return kind == "boolean"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_template_structured_output_is_bounded_and_supported(name: str) -> None:
+    schema = schema_of(name)
+    assert set(schema["properties"]) == set(schema["required"]) == FIELDS[name]
+    assert schema["additionalProperties"] is False and _bounded(schema)
+    check_schema(schema, "structured_output")  # the server takes it as it is
+
+
+def test_support_template_looks_the_order_up_from_the_structured_output() -> None:
+    dsl = load("visual-customer-service")
+    (lookup,) = nodes_of(dsl, "http-request")
+    assert "{{#assistant.structured_output.order_id#}}" in lookup["data"]["url"]
+    (check,) = nodes_of(dsl, "if-else")
+    (case,) = check["data"]["cases"]
+    assert case["conditions"][0]["variable_selector"] == ["assistant", "structured_output", "order_id"]
+    edges = {(e["source"], e["sourceHandle"], e["target"]) for e in dsl["workflow"]["graph"]["edges"]}
+    assert {("has_order", "true", "order_lookup"), ("has_order", "false", "answer")} <= edges
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -167,3 +244,25 @@ def test_template_prompt_with_a_picture_gets_an_answer(driver: DifyDriver, serve
         assert server.metric("vlmbridge_image_tokens_total") - before == (80 if picture else 0)
     assert answers[True]["usage"]["completion_tokens"] >= 1
     assert answers[True]["usage"]["prompt_tokens"] - answers[False]["usage"]["prompt_tokens"] >= 80
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_template_structured_output_validates_through_the_plugin(driver: DifyDriver, server: Server, name: str) -> None:
+    """What Dify sends for the LLM node with Structured Output on: the prompts, the picture, and the schema as
+    `json_schema` = {"schema": S, "name": "llm_response"}; the answer is the node's structured_output."""
+    import json
+
+    import jsonschema
+
+    schema = schema_of(name)
+    messages, params = messages_for(load(name), png_bytes(160, 120, seed=7))
+    params |= {
+        "response_format": "json_schema", "json_schema": json.dumps({"schema": schema, "name": "llm_response"}),
+        "max_tokens": token_budget(schema), "temperature": 1.0, "seed": 5,
+    }  # fmt: skip
+    # The schema's worst case (every character an escape) is above Dify's default 4096 bound for max tokens.
+    credentials = {"endpoint_url": server.v1, "mode": "chat", "context_size": "32768", "max_tokens_to_sample": "8192"}
+    answer = driver.call(
+        "invoke", cls="plugin", model=MODEL, credentials=credentials, messages=messages, parameters=params
+    )
+    jsonschema.validate(json.loads(answer["text"]), schema)
