@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = ["bounded_schemas", "token_budget"]
 
-# Patterns with the longest string they match (xgrammar writes them unescaped, one byte a character here).
+# Patterns with the longest string they match (written unescaped, one byte a character here).
 _PATTERNS = {"^[A-Z]{2}[0-9]{4}$": 6, "^(yes|no|maybe)$": 5, "^[a-z]{1,6}-[0-9]{1,3}$": 10}
 
 _FIELDS: list[dict[str, Any]] = [
@@ -108,7 +108,7 @@ def _bytes(schema: Any, defs: dict[str, Any]) -> int:
     if kind == "integer":
         return max(len(str(schema["minimum"])), len(str(schema["maximum"])))
     if kind == "number":
-        return 24  # bounded numbers: sign, digits of the bound, a fraction xgrammar keeps short
+        return 24  # bounded numbers: sign, digits of the bound, a short fraction
     return {"boolean": 5, "null": 4}[kind]
 
 

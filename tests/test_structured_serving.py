@@ -230,3 +230,21 @@ def test_tool_choice_required_and_named_give_valid_calls(server: Server, stream:
             jsonschema.validate(json.loads(arguments), TOOL_SCHEMAS[name])
         if n >= 4:
             assert [name for _, name, _ in calls] == ["tag_product"]
+
+
+def test_thinking_models_reason_freely_before_the_constrained_answer(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The Thinking template opens <think>: reasoning tokens are the model's own (the same with a schema as
+    without), and the grammar only takes over at </think> (tests/test_grammar.py checks that switch)."""
+    from vlmbridge.tiny.builder import build_tiny_model
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("think") / "m", "qwen3_vl", variant="thinking")
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    body = {
+        "model": MODEL, "messages": image_message(PICTURE), "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+    }  # fmt: skip
+    with running(folder) as server:
+        free = server.post(body).json()["choices"][0]["message"]
+        constrained = server.post({**body, "response_format": _schema_request(schema, 0)["response_format"]}).json()
+    message = constrained["choices"][0]["message"]
+    assert free["reasoning_content"] and message["reasoning_content"] == free["reasoning_content"]
+    assert message["content"] == free["content"] == ""

@@ -45,6 +45,25 @@ TOOL_ROUND = [
     },
     {"role": "tool", "content": "sunny"},
 ]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>'
+TWO_CALLS = [
+    {"role": "user", "content": "Weather in Paris and Oslo?"},
+    {
+        "role": "assistant",
+        "content": "Checking.",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+        ],
+    },
+    {"role": "tool", "content": "sunny"},
+    {"role": "tool", "content": "rain"},
+]
+TWO_CALLS_RENDERED = (
+    f"<|im_start|>assistant\nChecking.\n{CALL % 'Paris'}\n{CALL % 'Oslo'}<|im_end|>\n"
+    "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 THINK = [
     {"role": "user", "content": "Q1"},
     {"role": "assistant", "content": "<think>\nR1\n</think>\n\nA1"},
@@ -119,6 +138,12 @@ CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any], str]] = [
         '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
     ),
+    (  # several calls with text before them, and their responses in one user turn (the official templates' rules)
+        "qwen3_vl",
+        TWO_CALLS,
+        {"add_generation_prompt": True},
+        f"<|im_start|>user\nWeather in Paris and Oslo?<|im_end|>\n{TWO_CALLS_RENDERED}",
+    ),
     (
         "qwen3_vl",
         THINK,
@@ -152,6 +177,13 @@ CASES: list[tuple[str, list[dict[str, Any]], dict[str, Any], str]] = [
         '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
         "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n",
+    ),
+    (
+        "qwen2",
+        TWO_CALLS,
+        {"add_generation_prompt": True},
+        f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nWeather in Paris and Oslo?<|im_end|>\n"
+        f"{TWO_CALLS_RENDERED}",
     ),
 ]
 
@@ -199,3 +231,28 @@ def test_thinking_template_renders_like_official(
 ) -> None:
     template = chat_template_for("qwen3_vl", "thinking")
     assert render_jinja_template([messages], chat_template=template, **kwargs)[0][0] == expected
+
+
+def test_history_tool_calls_reach_the_template_with_object_arguments() -> None:
+    """OpenAI sends arguments as a JSON string; the templates write `arguments | tojson`, so the prompt builder
+    passes an object (as vLLM does): the rendering is the one above, not a quoted string."""
+    from vlmbridge.engine.transformers.prompt import _template_call
+    from vlmbridge.engine.types import ToolCall
+
+    call = _template_call(ToolCall("call_1", "get_weather", '{"city": "Paris"}'))
+    assert call == {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+    }
+    messages = [TOOL_ROUND[0], {"role": "assistant", "content": "", "tool_calls": [call]}, TOOL_ROUND[2]]
+    for family in ("qwen3_vl", "qwen2"):
+        rendered = render_jinja_template(
+            [messages], chat_template=chat_template_for(family), add_generation_prompt=True
+        )
+        assert (
+            rendered[0][0]
+            == render_jinja_template([TOOL_ROUND], chat_template=chat_template_for(family), add_generation_prompt=True)[
+                0
+            ][0]
+        )

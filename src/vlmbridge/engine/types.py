@@ -124,7 +124,7 @@ class SamplingParams:
 @dataclass(frozen=True)
 class StructuredSpec:
     """What the answer must look like, backend-neutral: a JSON schema as text, never a library's object (each
-    backend compiles it its own way: the transformers backend with xgrammar, vLLM with its structured outputs).
+    backend compiles it its own way: the transformers backend with llguidance, vLLM with its structured outputs).
 
     - json_object: any JSON object.
     - json_schema: an instance of `schema`.

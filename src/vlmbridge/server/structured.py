@@ -1,7 +1,7 @@
 """`response_format` and `tool_choice` → the backend-neutral `StructuredSpec` (a JSON schema as text).
 
 Schemas are checked here, cheaply and before any backend compiles them: bounded in size and depth, and made
-only of keywords a grammar can enforce (xgrammar, and vLLM's backends, treat the others loosely or not at all:
+only of keywords a grammar can enforce (llguidance, xgrammar and vLLM treat the others loosely or not at all:
 an answer that "follows the schema" must validate against it). A keyword outside that set is a 400 naming it.
 """
 

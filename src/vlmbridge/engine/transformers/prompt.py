@@ -66,7 +66,7 @@ class PreparedRequest:
     request: GenerationRequest
     inputs: ModelInputs
     max_new_tokens: int
-    grammar: Any = None  # the compiled grammar of request.structured (grammar.py), None for free text
+    grammar: Any = None  # request.structured's matcher (grammar.Constraint), None for free text
 
 
 class PromptBuilder:
