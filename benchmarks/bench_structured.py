@@ -11,7 +11,7 @@
 
 Prints tables; asserts nothing.
 
-    python benchmarks/bench_structured.py [--requests 8] [--tokens 64]
+    python benchmarks/bench_structured.py [--requests 8] [--tokens 64] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def run_clients(base: str, bodies: list[dict[str, Any]], clients: int) -> tuple[
     return tokens[0], time.perf_counter() - start
 
 
-def throughput(folder: Path, requests: int, tokens: int) -> list[tuple[int, str, float]]:
+def throughput(folder: Path, requests: int, tokens: int, rounds: int) -> list[tuple[int, str, float]]:
     url = "data:image/png;base64," + base64.b64encode(picture_png(160, 120)).decode()
     messages = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it as JSON."},
@@ -99,9 +99,13 @@ def throughput(folder: Path, requests: int, tokens: int) -> list[tuple[int, str,
             constrained = [
                 {**base_body, "seed": i, "ignore_eos": True, "response_format": _fmt(schemas[i % 4])} for i in range(n)
             ]
-            for label, bodies in (("free (ignore_eos)", free), ("json_schema (templates)", constrained)):
-                count, wall = run_clients(base, bodies, clients)
-                rows.append((clients, label, count / wall))
+            # Alternated, best of `rounds`: other work on a shared machine comes and goes between runs.
+            best: dict[str, float] = {}
+            for _ in range(rounds):
+                for label, bodies in (("free (ignore_eos)", free), ("json_schema (templates)", constrained)):
+                    count, wall = run_clients(base, bodies, clients)
+                    best[label] = max(best.get(label, 0.0), count / wall)
+            rows += [(clients, label, tps) for label, tps in best.items()]
     return rows
 
 
@@ -172,18 +176,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per setting; the best counts")
     args = parser.parse_args()
 
     from vlmbridge.tiny.builder import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_tiny_model(Path(tmp) / "small", "qwen3_vl", size="small")
-        rows = throughput(folder, args.requests, args.tokens)
+        rows = throughput(folder, args.requests, args.tokens, args.rounds)
         from transformers import AutoTokenizer
 
         tiny = AutoTokenizer.from_pretrained(folder)
 
-    print(f"small Qwen3-VL, 160x120 picture, max_tokens={args.tokens}, {args.requests} requests per client")
+    print(
+        f"small Qwen3-VL, 160x120 picture, max_tokens={args.tokens}, {args.requests} requests per client, "
+        f"best of {args.rounds} alternating rounds"
+    )
     print(f"{'clients':>8}  {'requests':<26}{'tokens/s':>10}{'vs free':>9}")
     free = {c: tps for c, label, tps in rows if label.startswith("free")}
     for clients, label, tps in rows:

@@ -651,6 +651,9 @@ class TransformersEngine:
         self._expire()
         if not self._batch:
             return
+        for seq in self._batch.seqs:  # grammar masks are computed while the model runs
+            if seq.sampler.constraint is not None:
+                seq.sampler.constraint.prefetch()
         try:
             self._probe("decode", self._batch.seqs)
             ids, mask, position_ids = self._batch.step_inputs(self.loaded.device, self._rope_index is not None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,6 +69,8 @@ class GrammarBook:
         self._lock = threading.Lock()
         # Two threads: one runaway build cannot hold up every other request's.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmbridge-grammar")
+        # Next-token masks are computed here while the model runs its forward pass (llguidance releases the GIL).
+        self.masks = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="vlmbridge-mask")
         self._shifts = torch.arange(32, dtype=torch.int32)
         self.hits = 0
         self.misses = 0
@@ -151,6 +154,7 @@ class GrammarBook:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.masks.shutdown(wait=False, cancel_futures=True)
 
 
 class Constraint:
@@ -164,17 +168,27 @@ class Constraint:
         self._matcher = matcher
         self._fill = llguidance.torch.fill_next_token_bitmask
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, book.vocab_size)
+        self._pending: Future[None] | None = None
         self.dormant_until = dormant_until
 
     @property
     def active(self) -> bool:
         return self.dormant_until is None
 
+    def prefetch(self) -> None:
+        """Start computing the next token's mask (the engine calls it before the forward pass that needs it)."""
+        if self.active and self._pending is None and not self._matcher.is_stopped():
+            self._pending = self._book.masks.submit(self._fill, self._matcher, self._bitmask, 0)
+
     def apply(self, scores: Any) -> Any:
         """`scores` (1-D, float32, a copy this request owns) with every token the grammar forbids at -inf."""
         if not self.active:
             return scores
-        self._fill(self._matcher, self._bitmask, 0)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+        else:
+            self._fill(self._matcher, self._bitmask, 0)
         if self._matcher.is_error():
             raise EngineFailedError("the grammar could not go on", code="grammar_failed")
         allowed = self._book.allowed(self._bitmask, scores.device)
