@@ -87,7 +87,9 @@ class GrammarBook:
                 param=_param(spec),
                 code="schema_too_complex",
             ) from None
-        return Constraint(self, matcher, dormant_until)
+        constraint = Constraint(self, matcher, dormant_until)
+        constraint.prefetch()  # the first mask builds the lexer's states (up to ~0.1 s): not on the engine thread
+        return constraint
 
     def grammar(self, spec: StructuredSpec) -> str:
         """The grammar for `spec`, cached by the spec's hash (raises InvalidRequestError if it has none)."""
