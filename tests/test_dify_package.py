@@ -69,7 +69,8 @@ def test_packaged_plugin_loads_with_the_sdks_loader(tmp_path: Path) -> None:
         "methods": ["customizable-model"],
         "credentials": [
             "endpoint_url", "api_key", "endpoint_model_name", "display_name", "mode", "context_size",
-            "max_tokens_to_sample", "vision_support", "video_support", "function_calling_type", "stream_function_calling",
+            "max_tokens_to_sample", "vision_support", "video_support", "function_calling_type",
+            "stream_function_calling",
         ],
         "models": {"llm": "VlmbridgeLargeLanguageModel"},
         "llm_module": "models.llm.llm",  # 3 dotted parts: the SDK's error mapping needs them
