@@ -129,7 +129,7 @@ def test_a_dead_worker_turns_health_red_and_requests_get_503_not_a_hang(tiny_mod
         assert later.status_code == 503 and later.json()["error"]["type"] == "service_unavailable"
         assert time.monotonic() - started < 20
         text = httpx.get(f"{s.base_url}/metrics").text
-        assert "vlmbridge_model_ready 0.0" in text
+        assert 'vlmbridge_model_ready{model="tiny"} 0.0' in text
 
 
 def test_a_stuck_worker_turns_health_red_and_the_front_enforces_the_timeout(tiny_model: TinyFactory) -> None:

@@ -170,11 +170,11 @@ def test_not_ready_is_503_and_health_says_why(tiny_model: TinyFactory) -> None:
     from vlmbridge.settings import Settings
 
     release = threading.Event()
-    real = build_slot(Settings(served_model_name=MODEL), tiny_model("qwen2"))
+    real = build_slot(Settings(served_model_name=MODEL, engine_worker="thread"), tiny_model("qwen2"))
 
     def slow_factory():  # type: ignore[no-untyped-def]
         release.wait(60)
-        return real._factory()  # type: ignore[misc]
+        return real.build(None)[0]
 
     slot = EngineSlot(MODEL, factory=slow_factory)
     from tests.server_utils import ServerThread, create_app

@@ -138,12 +138,12 @@ def test_metrics_count_requests_tokens_and_latency(tiny_model: TinyFactory) -> N
         text = httpx.get(f"{s.base_url}/metrics").text
     assert 'vlmbridge_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text
     assert 'vlmbridge_requests_total{endpoint="/v1/chat/completions",status="404"} 1.0' in text
-    assert "vlmbridge_image_tokens_total 80.0" in text
-    assert "vlmbridge_completion_tokens_total 3.0" in text
-    assert "vlmbridge_time_to_first_token_seconds_count 1.0" in text
+    assert 'vlmbridge_image_tokens_total{model="tiny"} 80.0' in text
+    assert 'vlmbridge_completion_tokens_total{model="tiny"} 3.0' in text
+    assert 'vlmbridge_time_to_first_token_seconds_count{model="tiny"} 1.0' in text
     assert 'vlmbridge_request_latency_seconds_count{endpoint="/v1/chat/completions"} 2.0' in text
-    assert "vlmbridge_model_ready 1.0" in text
-    assert "vlmbridge_queue_depth 0.0" in text and "vlmbridge_requests_in_flight 0.0" in text
+    assert 'vlmbridge_model_ready{model="tiny"} 1.0' in text
+    assert 'vlmbridge_queue_depth{model="tiny"} 0.0' in text and 'vlmbridge_requests_in_flight{model="tiny"} 0.0' in text
 
 
 def test_queue_full_is_429(tiny_model: TinyFactory) -> None:

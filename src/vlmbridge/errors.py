@@ -12,6 +12,7 @@ or status codes.
     ├── DeviceError             device or dtype not available here
     ├── QuantizationError       quantization package missing, device without its kernels, refused dequantization
     ├── ModelLoadError          transformers failed while loading; carries the classified cause
+    ├── ModelsFileError         the models file (or a NAME=PATH argument) has an unknown key or a bad value
     ├── InvalidRequestError     bad input from a caller (carries `param`)
     │   ├── ImageInputError     undecodable image, refused URL, over a size/pixel/count limit
     │   ├── VideoInputError     undecodable video, codec/container not allowed, over a duration/frame/size limit
@@ -24,6 +25,7 @@ or status codes.
     ├── RequestTimeoutError     a request ran past its deadline
     ├── EngineNotReadyError     the engine is loading, failed to load or is shutting down
     │   ├── ShuttingDownError   the server is draining before it stops
+    │   ├── MemoryBudgetError   a model does not fit the memory budget and no idle model can be unloaded
     │   └── WorkerDiedError     the model's worker process died (or was stuck) while the request waited or ran
     └── EngineFailedError       the engine failed while working on the request (not the caller's fault)
 """
@@ -38,9 +40,11 @@ __all__ = [
     "EngineNotReadyError",
     "ImageInputError",
     "InvalidRequestError",
+    "MemoryBudgetError",
     "ModelFolderError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelsFileError",
     "NotSupportedError",
     "PayloadTooLargeError",
     "QuantizationError",
@@ -99,6 +103,10 @@ class ModelLoadError(VlmbridgeError):
     def __init__(self, message: str, *, fix: str | None = None, cause: str = "unknown") -> None:
         super().__init__(message, fix=fix)
         self.cause = cause
+
+
+class ModelsFileError(VlmbridgeError):
+    """The models file or a NAME=PATH argument is wrong; the message names the entry and the key."""
 
 
 class InvalidRequestError(VlmbridgeError):
@@ -165,6 +173,10 @@ class EngineNotReadyError(VlmbridgeError):
 
 class ShuttingDownError(EngineNotReadyError):
     """The server received SIGTERM/SIGINT and is draining: no new requests."""
+
+
+class MemoryBudgetError(EngineNotReadyError):
+    """Loading a model would pass --memory-budget and every loaded model is busy, pinned or loading."""
 
 
 class WorkerDiedError(EngineNotReadyError):

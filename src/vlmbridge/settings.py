@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vlmbridge.budget import parse_size
 from vlmbridge.quant.formats import QuantizationName
 
 __all__ = ["DTypeName", "ModelSettings", "QuantizationName", "ServerSettings", "Settings", "parse_remote_code_pin"]
@@ -223,6 +224,23 @@ class ServerSettings(BaseModel):
         "finish_reason (Dify's SDK reads it there instead of counting tokens itself); requested: only with "
         "stream_options.include_usage, as OpenAI does.",
     )
+    models_file: Path | None = Field(
+        None,
+        description="A models file (YAML): several models behind one server, loaded on demand; see docs/models.md.",
+        json_schema_extra={"flag": "--models"},
+    )
+    memory_budget: int | None = Field(
+        None,
+        ge=1 << 20,
+        description="Memory all loaded models may use together (2GiB, 512MiB or bytes); least recently used idle "
+        "models are unloaded to make room. Default: what the device has.",
+        json_schema_extra={"size": True},
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Key for the /admin routes (Authorization: Bearer KEY); a client API key does not open them. "
+        "Without it the admin routes are off.",
+    )
     shutdown_grace: float = Field(
         30.0,
         ge=0,
@@ -305,6 +323,11 @@ class ServerSettings(BaseModel):
         description="Where vlmbridge keeps what it builds (the demo and benchmark models, the demo picture); "
         "default: $XDG_CACHE_HOME/vlmbridge, else ~/.cache/vlmbridge.",
     )
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _parse_size(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("api_keys", "allow_image_hosts", "allow_local_dirs", mode="before")
     @classmethod

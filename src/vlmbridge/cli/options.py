@@ -70,6 +70,8 @@ def _cli_type(annotation: Any) -> tuple[Any, bool]:
         return types.GenericAlias(list, (str if item is SecretStr else item,)), True
     if origin is dict:  # given on the command line as repeatable specs the field's validator parses
         return list[str], True
+    if annotation is SecretStr:
+        return str, False
     if annotation in (bool, int, float, str, Path) or origin is typing.Literal:
         return annotation, False
     raise TypeError(f"no command-line type for {annotation!r}")
@@ -103,6 +105,8 @@ def setting_parameter(name: str) -> inspect.Parameter:
         raise ValueError(f"{name} is a command argument, not an option")
     flag = flag_of(name)
     cli_type, repeatable = _cli_type(field.annotation)
+    if _extra(field).get("size"):  # "2GiB": the field's validator parses it
+        cli_type = str
     description = field.description or ""
     repeat = " Repeatable." if repeatable and "repeatable" not in description.lower() else ""
     help_text = f"{description}{repeat} [env: {env_var(name)}]{_default_text(field, flag)}"

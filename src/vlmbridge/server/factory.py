@@ -1,29 +1,24 @@
-"""Settings → an EngineSlot that loads the model folder in the background with the engine factory."""
+"""Settings → the slots the app serves: one folder (`serve DIR`), NAME=PATH pairs or a models file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlmbridge.engine.base import Engine
-from vlmbridge.output.pipeline import TextTools
-from vlmbridge.server.state import EngineSlot
+from vlmbridge.pool import EngineSlot, ModelPool, ModelSpec, single_folder
 from vlmbridge.settings import Settings
 
-__all__ = ["build_slot"]
+__all__ = ["build_pool", "build_slot"]
 
 
 def build_slot(settings: Settings, path: Path) -> EngineSlot:
-    model = settings.model_settings()
-    name = model.served_name(path)
+    """One model folder, loaded at start-up and pinned (`vlmbridge serve DIR`)."""
+    spec = single_folder(settings, path)
+    return EngineSlot(spec.name, spec=spec)
 
-    def make() -> Engine:
-        from vlmbridge.engine.factory import build_engine
 
-        return build_engine(model, path, name)
+def build_pool(settings: Settings, specs: list[ModelSpec]) -> ModelPool:
+    """A pool of the configured models under the memory budget (default: what the device has)."""
+    from vlmbridge.pool.measure import default_budget
 
-    def tools() -> TextTools:
-        from vlmbridge.output.client import load_text_tools
-
-        return load_text_tools(path, model.trust_remote_code)
-
-    return EngineSlot(name, factory=make, tools=tools)
+    budget = settings.memory_budget or default_budget(settings.device)
+    return ModelPool([EngineSlot(spec.name, spec=spec) for spec in specs], budget=budget)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlmbridge.engine.types import EngineStats
+
+if TYPE_CHECKING:
+    from vlmbridge.pool import ModelPool
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "MetricsMiddleware"]
 
@@ -28,27 +32,49 @@ _ENGINE_GAUGES = (
 _CACHE_STATS = ("hits", "misses", "evictions", "bytes", "entries")
 
 
-class _EngineCollector(Collector):
-    """The engine's stats as gauges, read at scrape time; caches by name, whichever the backend keeps."""
+class _PoolCollector(Collector):
+    """Each model's engine stats as gauges labelled `model`, read at scrape time; caches by name, whichever the
+    backend keeps. Models that are not loaded have no engine gauges, only `vlmbridge_model_ready` 0."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
-        self._stats = stats
+    def __init__(self, pool: ModelPool) -> None:
+        self._pool = pool
 
     def describe(self) -> Iterable[Metric]:
-        return []  # collected lazily: the engine may not exist yet when the registry is built
+        return []  # collected lazily: engines come and go
 
     def collect(self) -> Iterable[Metric]:
-        stats = self._stats() or EngineStats()
-        for name, doc, field in _ENGINE_GAUGES:
-            yield GaugeMetricFamily(name, doc, value=float(getattr(stats, field)))
+        slots = list(self._pool.slots.values())
+        ready = GaugeMetricFamily(
+            "vlmbridge_model_ready", "1 when the model is loaded and warmed up.", labels=["model"]
+        )
+        in_flight = GaugeMetricFamily(
+            "vlmbridge_requests_in_flight", "Requests holding the model (chat and tokenize).", labels=["model"]
+        )
+        memory = GaugeMetricFamily(
+            "vlmbridge_model_memory_bytes", "What the model's worker holds (PSS), or its plan in-process.",
+            labels=["model"],
+        )  # fmt: skip
+        gauges = {name: GaugeMetricFamily(name, doc, labels=["model"]) for name, doc, _ in _ENGINE_GAUGES}
         caches = GaugeMetricFamily(
             "vlmbridge_cache",
             "Prefix (KV), vision-encoder and processed-pixel cache counters: hits, misses, evictions, bytes, entries.",
-            labels=["cache", "stat"],
+            labels=["model", "cache", "stat"],
         )
-        for cache, counters in sorted(stats.caches.items()):
-            for stat in _CACHE_STATS:
-                caches.add_metric([cache, stat], float(getattr(counters, stat)))
+        for slot in slots:
+            ready.add_metric([slot.name], 1.0 if slot.state == "ready" else 0.0)
+            in_flight.add_metric([slot.name], float(slot.in_flight))
+            memory.add_metric([slot.name], float(slot.memory_bytes()))
+            engine = slot.peek()
+            stats = engine.stats() if engine is not None else EngineStats()
+            for name, _, field in _ENGINE_GAUGES:
+                gauges[name].add_metric([slot.name], float(getattr(stats, field)))
+            for cache, counters in sorted(stats.caches.items()):
+                for stat in _CACHE_STATS:
+                    caches.add_metric([slot.name, cache, stat], float(getattr(counters, stat)))
+        yield ready
+        yield in_flight
+        yield memory
+        yield from gauges.values()
         yield caches
 
 
@@ -68,26 +94,19 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.ttft = Histogram(
-            "vlmbridge_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            "vlmbridge_time_to_first_token_seconds", "Time from arrival to the first generated token.", ["model"],
             buckets=_TTFT_BUCKETS, registry=r,
         )  # fmt: skip
-        self.prompt_tokens = Counter("vlmbridge_prompt_tokens", "Prompt tokens, image tokens included.", registry=r)
-        self.image_tokens = Counter("vlmbridge_image_tokens", "Image tokens in prompts.", registry=r)
-        self.video_tokens = Counter("vlmbridge_video_tokens", "Video tokens in prompts.", registry=r)
-        self.completion_tokens = Counter("vlmbridge_completion_tokens", "Generated tokens.", registry=r)
-        self.in_flight = Gauge("vlmbridge_requests_in_flight", "Chat requests being handled.", registry=r)
-        self.model_ready = Gauge("vlmbridge_model_ready", "1 when the model is loaded and warmed up.", registry=r)
+        self.prompt_tokens = Counter(
+            "vlmbridge_prompt_tokens", "Prompt tokens, image tokens included.", ["model"], registry=r
+        )
+        self.image_tokens = Counter("vlmbridge_image_tokens", "Image tokens in prompts.", ["model"], registry=r)
+        self.video_tokens = Counter("vlmbridge_video_tokens", "Video tokens in prompts.", ["model"], registry=r)
+        self.completion_tokens = Counter("vlmbridge_completion_tokens", "Generated tokens.", ["model"], registry=r)
 
-    def bind_engine(
-        self,
-        stats: Callable[[], EngineStats | None],
-        ready: Callable[[], float],
-        in_flight: Callable[[], float],
-    ) -> None:
-        """Read the backend's typed stats snapshot at scrape time (any backend: nothing here knows which)."""
-        self.in_flight.set_function(in_flight)
-        self.model_ready.set_function(ready)
-        self.registry.register(_EngineCollector(stats))
+    def bind_pool(self, pool: ModelPool) -> None:
+        """Read each model's typed stats snapshot at scrape time (any backend: nothing here knows which)."""
+        self.registry.register(_PoolCollector(pool))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

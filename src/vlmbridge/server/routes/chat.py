@@ -6,14 +6,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from vlmbridge.engine.types import GenerationChunk
-from vlmbridge.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, RequestTimeoutError
+from vlmbridge.errors import ContextLengthError, InvalidRequestError, RequestTimeoutError, VlmbridgeError
 from vlmbridge.output.client import ChunkStream
+from vlmbridge.pool import Copy, EngineSlot, wait_for_load
 from vlmbridge.server.convert import hold_images, to_generation_request
 from vlmbridge.server.errors import bounded_traceback, error_body
 from vlmbridge.server.jsonbody import StrictJSONRoute
@@ -33,16 +35,44 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     vlm: AppState = request.app.state.vlm
     arrived = time.monotonic()
     deadline = arrived + vlm.settings.request_timeout
-    if body.model != vlm.slot.name:
-        raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {vlm.slot.name!r}")
+    slot = vlm.pool.resolve(body.model)
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options is only allowed with stream: true", param="stream_options")
-    engine = vlm.slot.engine
+    if body.stream and (loading := vlm.pool.pending_load(slot)) is not None:
+        # The model loads first: the stream starts now and keeps the connection alive until it can generate.
+        ends: list[Callable[[], None]] = []
+        late = _after_load(vlm, slot, loading, body, arrived, deadline, ends)
+
+        def end_all() -> None:
+            for end in ends:
+                end()
+
+        return _EventStream(late, end_all)
+    copy = await vlm.pool.acquire(slot)
+    stream, completion, done = await _start(vlm, slot, copy, body)
+    if body.stream:
+        return _EventStream(_events(vlm, slot.name, stream, completion, arrived, deadline), done)
+    try:
+        await _collect(vlm, slot.name, request, stream, completion, arrived, deadline)
+    finally:
+        done()
+    return JSONResponse(completion.response())
+
+
+async def _start(
+    vlm: AppState, slot: EngineSlot, copy: Copy, body: ChatCompletionRequest
+) -> tuple[ChunkStream, Completion, Callable[[], None]]:
+    """Admit, convert and hand the request to the leased copy of the model; `done` ends it (and the lease)."""
     life = vlm.lifecycle
-    # Cheap checks first: a refused request must cost about what a 404 costs, not an image decode.
-    life.admit(vlm.settings, engine.queue_depth())
-    client = vlm.slot.client
-    check_text_length(body.messages, engine.info.context_length, client.tools.max_token_chars)
+    try:
+        engine = copy.engine
+        # Cheap checks first: a refused request must cost about what a 404 costs, not an image decode.
+        life.admit(vlm.settings, engine.queue_depth())
+        client = copy.client_or_refuse(slot.name)
+        check_text_length(body.messages, engine.info.context_length, client.tools.max_token_chars)
+    except BaseException:
+        slot.release(copy)
+        raise
     life.in_flight += 1
     try:
         life.waiting += 1
@@ -55,6 +85,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
             life.waiting -= 1
     except BaseException:
         life.in_flight -= 1
+        slot.release(copy)
         raise
     life.streams.add(stream)
 
@@ -62,22 +93,50 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         life.streams.discard(stream)
         stream.close()  # no-op when finished; stops generation when the client went away
         life.in_flight -= 1
+        slot.release(copy)
 
     completion = Completion(
         id=gen_request.request_id,
-        model=vlm.slot.name,
+        model=slot.name,
         created=int(time.time()),
         want_logprobs=body.logprobs,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         usage_on_finish=vlm.settings.stream_usage == "always",
     )
-    if body.stream:
-        return _EventStream(_events(vlm, stream, completion, arrived, deadline), done)
+    return stream, completion, done
+
+
+async def _after_load(
+    vlm: AppState,
+    slot: EngineSlot,
+    loading: Future[None],
+    body: ChatCompletionRequest,
+    arrived: float,
+    deadline: float,
+    ends: list[Callable[[], None]],
+) -> AsyncIterator[str]:
+    """A stream whose model is still loading: SSE keep-alive comments until it is ready, then the answer; a load
+    that fails (or a request refused after it) ends the stream with the error event."""
+    waiting = asyncio.ensure_future(wait_for_load(slot, loading))
     try:
-        await _collect(vlm, request, stream, completion, arrived, deadline)
+        while not waiting.done():
+            if time.monotonic() >= deadline:
+                raise RequestTimeoutError("the request ran past its timeout while its model loaded")
+            await asyncio.wait({waiting}, timeout=min(vlm.settings.keepalive_interval, deadline - time.monotonic()))
+            if not waiting.done():
+                yield KEEPALIVE
+        waiting.result()
+        copy = await vlm.pool.acquire(slot)
+        stream, completion, done = await _start(vlm, slot, copy, body)
+    except VlmbridgeError as exc:
+        yield sse(error_body(exc))
+        yield DONE
+        return
     finally:
-        done()
-    return JSONResponse(completion.response())
+        waiting.cancel()  # no-op when done; the load itself is shielded from it
+    ends.append(done)
+    async for event in _events(vlm, slot.name, stream, completion, arrived, deadline):
+        yield event
 
 
 class _EventStream(StreamingResponse):
@@ -127,18 +186,25 @@ async def _next(stream: ChunkStream, wait: float, deadline: float) -> Generation
     return await stream.next(timeout=min(wait, remaining))
 
 
-def _record(vlm: AppState, chunk: GenerationChunk, arrived: float, first: bool) -> None:
+def _record(vlm: AppState, model: str, chunk: GenerationChunk, arrived: float, first: bool) -> None:
+    metrics = vlm.metrics
     if first:
-        vlm.metrics.ttft.observe(time.monotonic() - arrived)
+        metrics.ttft.labels(model).observe(time.monotonic() - arrived)
     if chunk.finish_reason is not None and chunk.usage is not None:
-        vlm.metrics.prompt_tokens.inc(chunk.usage.prompt_tokens)
-        vlm.metrics.image_tokens.inc(chunk.usage.image_tokens)
-        vlm.metrics.video_tokens.inc(chunk.usage.video_tokens)
-        vlm.metrics.completion_tokens.inc(chunk.usage.completion_tokens)
+        metrics.prompt_tokens.labels(model).inc(chunk.usage.prompt_tokens)
+        metrics.image_tokens.labels(model).inc(chunk.usage.image_tokens)
+        metrics.video_tokens.labels(model).inc(chunk.usage.video_tokens)
+        metrics.completion_tokens.labels(model).inc(chunk.usage.completion_tokens)
 
 
 async def _collect(
-    vlm: AppState, request: Request, stream: ChunkStream, completion: Completion, arrived: float, deadline: float
+    vlm: AppState,
+    model: str,
+    request: Request,
+    stream: ChunkStream,
+    completion: Completion,
+    arrived: float,
+    deadline: float,
 ) -> None:
     first = True
     next_check = time.monotonic() + _DISCONNECT_POLL
@@ -156,13 +222,13 @@ async def _collect(
             return
         if chunk.error is not None:
             raise chunk.error
-        _record(vlm, chunk, arrived, first)
+        _record(vlm, model, chunk, arrived, first)
         first = False
         completion.add(chunk)
 
 
 async def _events(
-    vlm: AppState, stream: ChunkStream, completion: Completion, arrived: float, deadline: float
+    vlm: AppState, model: str, stream: ChunkStream, completion: Completion, arrived: float, deadline: float
 ) -> AsyncIterator[str]:
     keepalive = vlm.settings.keepalive_interval
     first = True
@@ -181,7 +247,7 @@ async def _events(
                 # An `error` chunk without `choices`: Dify raises on it, the openai client raises APIError.
                 yield sse(error_body(chunk.error))
                 break
-            _record(vlm, chunk, arrived, first)
+            _record(vlm, model, chunk, arrived, first)
             first = False
             for event in completion.delta_events(chunk):
                 yield event

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from vlmbridge.engine.base import EngineInfo
+from vlmbridge.pool import EngineSlot
 from vlmbridge.server.errors import envelope
 from vlmbridge.server.metrics import CONTENT_TYPE_LATEST
 from vlmbridge.server.state import AppState
@@ -29,48 +31,74 @@ def _loaded(info: EngineInfo) -> dict[str, object]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
+    """Every configured model, loaded or not; what is known from the config is there even when it is not."""
     vlm: AppState = request.app.state.vlm
-    entry: dict[str, object] = {
-        "id": vlm.slot.name,
-        "object": "model",
-        "created": int(request.app.state.started_at),
-        "owned_by": "vlmbridge",
-    }
-    engine = vlm.slot.peek()
-    if engine is not None:
+    created = int(request.app.state.started_at)
+    data = await asyncio.to_thread(lambda: [_model_entry(vlm, slot, created) for slot in vlm.pool.slots.values()])
+    return JSONResponse({"object": "list", "data": data})
+
+
+def _model_entry(vlm: AppState, slot: EngineSlot, created: int) -> dict[str, object]:
+    entry: dict[str, object] = {"id": slot.name, "object": "model", "created": created, "owned_by": "vlmbridge"}
+    settings = slot.spec.settings if slot.spec is not None else vlm.settings
+    engine = slot.peek()
+    ours: dict[str, object]
+    if engine is not None and engine.state == "ready":
         info = engine.info
         entry["max_model_len"] = info.context_length
-        entry["vlmbridge"] = {
+        ours = {
             "kind": info.kind,
             "vision": info.kind == "vlm",
             "model_type": info.model_type,
             "model_class": info.model_class,
             **_loaded(info),
-            "max_images": vlm.settings.max_images,
-            "max_pixels": vlm.settings.max_pixels,
-            "state": vlm.slot.state,
         }
-    return JSONResponse({"object": "list", "data": [entry]})
+    else:
+        facts = vlm.pool.facts(slot)
+        if facts.max_model_len is not None:
+            entry["max_model_len"] = facts.max_model_len
+        ours = {
+            "kind": None if facts.vision is None else ("vlm" if facts.vision else "text"),
+            "vision": facts.vision,
+            "quantization": facts.quantization,
+        }
+    vision = ours["vision"]
+    ours.update(
+        modalities=None if vision is None else (["text", "image"] if vision else ["text"]),
+        max_images=vlm.settings.max_images,
+        max_pixels=settings.max_pixels,
+        state=slot.state,
+        aliases=list(slot.names[1:]),
+    )
+    entry["vlmbridge"] = ours
+    return entry
 
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
+    """200 once every `load: startup` model is ready (on-demand ones need not be loaded); each model's state in
+    `models`. With one model, its load details too."""
     vlm: AppState = request.app.state.vlm
-    engine = vlm.slot.peek()
+    pool = vlm.pool
+    states = {name: slot.state for name, slot in pool.slots.items()}
+    single = pool.default if len(pool.slots) == 1 else None
     loaded: dict[str, object] = {}
+    engine = single.peek() if single is not None else None
     if engine is not None:
         loaded = {**(_loaded(engine.info) if engine.state == "ready" else {}), "worker_pid": engine.stats().worker_pid}
+    name = single.name if single is not None else None
     if vlm.lifecycle.draining:
         body = envelope("the server is shutting down", "service_unavailable", code="shutting_down")
-        body.update(status="draining", model=vlm.slot.name, in_flight=vlm.lifecycle.in_flight)
+        body.update(status="draining", model=name, in_flight=vlm.lifecycle.in_flight, models=states)
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-    if vlm.slot.state == "ready":
+    if pool.startup_ready:
         uptime = round(time.time() - request.app.state.started_at, 1)
-        return JSONResponse({"status": "ok", "model": vlm.slot.name, "uptime_s": uptime, **loaded})
+        return JSONResponse({"status": "ok", "model": name, "uptime_s": uptime, **loaded, "models": states})
+    waiting = next(s for s in pool.slots.values() if not s.on_demand and s.state != "ready")
     body = envelope(
-        f"model {vlm.slot.name!r} is not ready: {vlm.slot.reason}", "service_unavailable", code="model_not_ready"
+        f"model {waiting.name!r} is not ready: {waiting.reason}", "service_unavailable", code="model_not_ready"
     )
-    body.update(status=vlm.slot.state, **loaded)
+    body.update(status=waiting.state, **loaded, models=states)
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
 

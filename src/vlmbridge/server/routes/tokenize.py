@@ -13,7 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlmbridge.errors import ContextLengthError, ModelNotFoundError
+from vlmbridge.engine.base import PromptStats
+from vlmbridge.errors import ContextLengthError
+from vlmbridge.pool import Copy
 from vlmbridge.server.convert import hold_images, to_generation_request
 from vlmbridge.server.jsonbody import StrictJSONRoute
 from vlmbridge.server.routes.chat import check_text_length
@@ -44,13 +46,36 @@ class TokenizeRequest(BaseModel):
 @router.post("/tokenize", include_in_schema=False)
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     vlm: AppState = request.app.state.vlm
-    name = vlm.slot.name
-    if body.model is not None and body.model != name:
-        raise ModelNotFoundError(f"model {body.model!r} is not served here; this server serves {name!r}")
-    engine = vlm.slot.engine
+    slot = vlm.pool.resolve(body.model)
+    name = slot.name
+    copy = await vlm.pool.acquire(slot)
+    try:
+        stats, context = await _count(vlm, copy, body, name)
+    finally:
+        slot.release(copy)
+    if stats.prompt_tokens >= context:  # what generating would answer, so a counter can trust a 200
+        raise ContextLengthError(
+            f"the prompt is {stats.prompt_tokens} tokens ({stats.image_tokens} of them image tokens), but the context "
+            f"is {context}; send fewer or smaller images (lower max_pixels or detail: low) or less text",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    return JSONResponse(
+        {
+            "model": name,
+            "count": stats.prompt_tokens,
+            "image_tokens": stats.image_tokens,
+            "video_tokens": stats.video_tokens,
+            "max_model_len": context,
+        }
+    )
+
+
+async def _count(vlm: AppState, copy: Copy, body: TokenizeRequest, name: str) -> tuple[PromptStats, int]:
+    engine = copy.engine
     life = vlm.lifecycle
     life.admit(vlm.settings, engine.queue_depth())  # images are fetched and their headers read: admit first
-    tools = vlm.slot.client.tools
+    tools = copy.client_or_refuse(name).tools
     check_text_length(body.messages, engine.info.context_length, tools.max_token_chars)
     # The chat route's own conversion: the same image loading, limits and pixel budgets, so the count matches.
     chat = ChatCompletionRequest.model_construct(
@@ -70,20 +95,4 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
                     stats = await asyncio.to_thread(engine.count_prompt, gen_request.messages)
     finally:
         life.waiting -= 1
-    context = engine.info.context_length
-    if stats.prompt_tokens >= context:  # what generating would answer, so a counter can trust a 200
-        raise ContextLengthError(
-            f"the prompt is {stats.prompt_tokens} tokens ({stats.image_tokens} of them image tokens), but the context "
-            f"is {context}; send fewer or smaller images (lower max_pixels or detail: low) or less text",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    return JSONResponse(
-        {
-            "model": name,
-            "count": stats.prompt_tokens,
-            "image_tokens": stats.image_tokens,
-            "video_tokens": stats.video_tokens,
-            "max_model_len": engine.info.context_length,
-        }
-    )
+    return stats, engine.info.context_length
