@@ -14,7 +14,8 @@ from openai import AsyncOpenAI, OpenAI
 
 from tests.helpers import png_bytes
 from vlmbridge.server import create_app
-from vlmbridge.server.factory import build_slot
+from vlmbridge.pool import ModelPool, read_models_file
+from vlmbridge.server.factory import build_pool, build_slot
 from vlmbridge.server.runner import ServerThread
 from vlmbridge.server.state import EngineSlot
 from vlmbridge.settings import Settings
@@ -61,6 +62,40 @@ def running(folder: Path, slot: EngineSlot | None = None, **settings: Any) -> It
     with ServerThread(create_app(cfg, slot)) as base_url:
         slot.wait_loaded(120)
         yield Server(base_url=base_url, slot=slot, settings=cfg)
+
+
+@dataclass
+class PoolServer:
+    base_url: str
+    pool: ModelPool
+    settings: Settings
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def openai(self, api_key: str = "none") -> OpenAI:
+        return OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
+
+    def admin(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
+        secret = self.settings.admin_key
+        key = key if key is not None else (secret.get_secret_value() if secret is not None else "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.request(method, f"{self.base_url}/admin{path}", headers=headers, timeout=300, **kwargs)
+
+    def states(self) -> dict[str, str]:
+        return {name: slot.state for name, slot in self.pool.slots.items()}
+
+
+@contextmanager
+def running_models(models_file: Path, **settings: Any) -> Iterator[PoolServer]:
+    """A real server on a models file (its entries' engines in-process unless they say engine_worker: process)."""
+    cfg = Settings(models_file=models_file, **{"engine_worker": "thread", **settings})
+    pool = build_pool(cfg, read_models_file(cfg, models_file))
+    with ServerThread(create_app(cfg, pool)) as base_url:
+        for slot in pool.slots.values():
+            slot.wait_loaded(120)
+        yield PoolServer(base_url=base_url, pool=pool, settings=cfg)
 
 
 def data_url(width: int = 320, height: int = 240, seed: int | None = 0) -> str:

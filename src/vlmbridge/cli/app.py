@@ -37,8 +37,10 @@ def _register() -> None:
     app.command("quantize")(quantize.quantize)
     app.command("bench")(bench.bench)
     from vlmbridge.cli.dify import app as dify_app
+    from vlmbridge.cli.models import app as models_app
 
     app.add_typer(dify_app, name="dify")
+    app.add_typer(models_app, name="models")
 
 
 _register()

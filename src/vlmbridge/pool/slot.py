@@ -87,6 +87,7 @@ class EngineSlot:
         self.last_used: float | None = None
         self.unloading = False
         self.loaded_once = False
+        self.loads = 0  # copies installed so far (loads and swaps)
         self.load_seconds: float | None = None
 
     # --- what it is configured as -------------------------------------------------------------------------------
@@ -140,6 +141,7 @@ class EngineSlot:
                 self.path = path
             self._failure, self.code, self.progress = None, None, None
             self.loaded_once = True
+            self.loads += 1
             self.last_used = time.time()
         return old
 

@@ -1,0 +1,113 @@
+"""The models file and NAME=PATH arguments: entries take exactly ModelSettings' field names; unknown keys and bad
+values are refused at start-up with the entry and key named; a broken folder is not a start-up error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import assert_one_clear_line, vlmbridge
+from vlmbridge.errors import ModelsFileError
+from vlmbridge.pool import read_models_file, specs_from_pairs
+from vlmbridge.pool.spec import parse_keep_alive
+from vlmbridge.settings import Settings
+
+
+def write(tmp: Path, text: str) -> Path:
+    file = tmp / "models.yaml"
+    file.write_text(text)
+    return file
+
+
+def test_entries_take_model_settings_fields_and_the_server_settings_as_defaults(tmp_path: Path) -> None:
+    file = write(
+        tmp_path,
+        """
+models:
+  - name: moderation
+    path: small
+    aliases: [mod, guard]
+    load: startup
+    keep_alive: 5m
+    pinned: true
+    max_pixels: 401408
+    context_length: 4096
+  - name: followup
+    path: /models/text
+""",
+    )
+    first, second = read_models_file(Settings(max_batch_size=3, dtype="fp32"), file)
+    assert first.name == "moderation" and first.names == ("moderation", "mod", "guard")
+    assert first.path == tmp_path / "small"  # relative to the file's folder
+    assert (first.load, first.keep_alive, first.pinned) == ("startup", 300.0, True)
+    assert first.settings.max_pixels == 401408 and first.settings.context_length == 4096
+    assert first.settings.max_batch_size == 3 and first.settings.dtype == "fp32"  # the server's own settings
+    assert first.settings.served_model_name == "moderation" and first.doctor
+    assert (second.load, second.keep_alive, second.pinned) == ("on-demand", None, False)  # the defaults
+
+
+@pytest.mark.parametrize(
+    ("entry", "needles"),
+    [
+        ("max_pixel: 5", ["entry 1 ('a')", "unknown key 'max_pixel'"]),
+        ("model: /x", ["entry 1 ('a')", "'model'", "`path`"]),
+        ("max_batch_size: 0", ["entry 1 ('a')", "'max_batch_size'", "greater than or equal to 1"]),
+        ("dtype: float7", ["entry 1 ('a')", "'dtype'"]),
+        ("keep_alive: soon", ["entry 1 ('a')", "keep_alive 'soon'"]),
+        ("keep_alive: -5", ["entry 1 ('a')", "-1"]),
+        ("load: lazy", ["entry 1 ('a')", "`load`"]),
+        ("pinned: maybe", ["entry 1 ('a')", "`pinned`"]),
+        ("aliases: b", ["entry 1 ('a')", "`aliases`"]),
+    ],
+)
+def test_unknown_keys_and_bad_values_name_the_entry_and_the_key(tmp_path: Path, entry: str, needles: list[str]) -> None:
+    file = write(tmp_path, f"models:\n  - name: a\n    path: /x\n    {entry}\n")
+    with pytest.raises(ModelsFileError) as caught:
+        read_models_file(Settings(), file)
+    for needle in needles:
+        assert needle in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("models: []\n", "no models"),
+        ("model:\n  - name: a\n", "`models:`"),
+        ("models:\n  - path: /x\n", "`name`"),
+        ("models:\n  - name: a\n", "`path`"),
+        ("models:\n  - {name: a, path: /x}\n  - {name: b, path: /y, aliases: [a]}\n", "'a' is used by both"),
+        ("models: [", "not valid YAML"),
+    ],
+)
+def test_malformed_files_are_refused(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ModelsFileError, match=None) as caught:
+        read_models_file(Settings(), write(tmp_path, text))
+    assert needle in str(caught.value)
+
+
+def test_keep_alive_forms() -> None:
+    assert parse_keep_alive(-1) is None and parse_keep_alive("-1") is None
+    assert parse_keep_alive(0) == 0.0 and parse_keep_alive("30s") == 30.0
+    assert parse_keep_alive("5m") == 300.0 and parse_keep_alive("1h") == 3600.0 and parse_keep_alive(2.5) == 2.5
+    with pytest.raises(ValueError):
+        parse_keep_alive(True)
+
+
+def test_name_path_pairs() -> None:
+    a, b = specs_from_pairs(Settings(), ["a=/models/x", "b=/models/y"])
+    assert (a.name, a.path, a.load, b.name) == ("a", Path("/models/x"), "on-demand", "b")
+    with pytest.raises(ModelsFileError, match="NAME=PATH"):
+        specs_from_pairs(Settings(), ["a="])
+
+
+def test_memory_budget_sizes() -> None:
+    assert Settings(memory_budget="2GiB").memory_budget == 2 << 30
+    assert Settings(memory_budget="512MiB").memory_budget == 512 << 20
+    assert Settings(memory_budget=3 << 30).memory_budget == 3 << 30
+
+
+def test_serve_refuses_a_bad_models_file_in_one_line(tmp_path: Path) -> None:
+    file = write(tmp_path, "models:\n  - name: a\n    path: /x\n    max_pixel: 5\n")
+    assert_one_clear_line(vlmbridge("serve", "--models", str(file)), "entry 1 ('a')", "unknown key 'max_pixel'")
+    assert_one_clear_line(vlmbridge("serve", "a=/x", "--models", str(file)), "not both")
