@@ -13,8 +13,8 @@ import httpx
 from openai import AsyncOpenAI, OpenAI
 
 from tests.helpers import png_bytes
-from vlmbridge.server import create_app
 from vlmbridge.pool import ModelPool, read_models_file
+from vlmbridge.server import create_app
 from vlmbridge.server.factory import build_pool, build_slot
 from vlmbridge.server.runner import ServerThread
 from vlmbridge.server.state import EngineSlot

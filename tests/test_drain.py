@@ -111,7 +111,7 @@ def test_sigterm_lets_16_streams_finish_and_refuses_new_requests(tiny_model: Tin
     assert body["error"]["type"] == "service_unavailable" and body["error"]["code"] == "shutting_down"
     for events in results:
         assert events[-1] == "[DONE]"
-        assert not any(isinstance(e, dict) and "error" in e for e in events), [e for e in events if isinstance(e, dict) and "error" in e]
+        assert not any(isinstance(e, dict) and "error" in e for e in events)
         finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]]
         assert finish[-1] == "length"
         assert sum(1 for e in events[:-1] if e["choices"] and e["choices"][0]["delta"].get("content")) >= 1

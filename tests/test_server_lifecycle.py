@@ -143,7 +143,8 @@ def test_metrics_count_requests_tokens_and_latency(tiny_model: TinyFactory) -> N
     assert 'vlmbridge_time_to_first_token_seconds_count{model="tiny"} 1.0' in text
     assert 'vlmbridge_request_latency_seconds_count{endpoint="/v1/chat/completions"} 2.0' in text
     assert 'vlmbridge_model_ready{model="tiny"} 1.0' in text
-    assert 'vlmbridge_queue_depth{model="tiny"} 0.0' in text and 'vlmbridge_requests_in_flight{model="tiny"} 0.0' in text
+    assert 'vlmbridge_queue_depth{model="tiny"} 0.0' in text
+    assert 'vlmbridge_requests_in_flight{model="tiny"} 0.0' in text
 
 
 def test_queue_full_is_429(tiny_model: TinyFactory) -> None:
