@@ -63,51 +63,80 @@ def config(
     api_key: Annotated[str | None, typer.Option(help="The API key to fill in. [default: a placeholder]")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="The name the server uses for the model.")] = None,
     context: Annotated[int | None, typer.Option(min=16, help="The server's --context, if you set one.")] = None,
+    models_file: Annotated[
+        Path | None,
+        typer.Option("--models", help="A models file: one provider entry per model. [env: VLMBRIDGE_MODELS_FILE]"),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the values as JSON.")] = False,
 ) -> None:
-    """Print the field values for Dify's built-in "OpenAI-API-compatible" provider, and how Dify reaches vlmbridge."""
+    """Print the field values for Dify's built-in "OpenAI-API-compatible" provider — one entry per model the server
+    serves — and how Dify reaches vlmbridge."""
     from vlmbridge.integrations.dify_recipe import DEFAULT_BASE_URL, recipe
 
-    facts = _facts(model_dir, server, api_key, served_model_name, context)
-    result = recipe(base_url or DEFAULT_BASE_URL, facts, api_key)
+    every = _facts(model_dir, server, api_key, served_model_name, context, models_file)
+    results = [recipe(base_url or DEFAULT_BASE_URL, facts, api_key) for facts in every]
     if json_output:
-        out_console.print(json.dumps(result.as_dict(), indent=2), markup=False, highlight=False)
+        dicts = [r.as_dict() for r in results]
+        payload = dicts[0] if len(dicts) == 1 else {"models": dicts}  # one model: the shape it always had
+        out_console.print(json.dumps(payload, indent=2), markup=False, highlight=False)
         return
-    for warning in result.warnings:
+    for warning in dict.fromkeys(w for r in results for w in r.warnings):
         err_console.print(f"warning: {warning}", style="bold yellow", markup=False)
-    out_console.print(
-        "Dify → Settings → Model Provider → OpenAI-API-compatible → Add Model, with these values:", style="bold"
-    )
-    width = max(len(f.label) for f in result.fields)
-    for f in result.fields:
-        note = f"   ({f.note})" if f.note else ""
-        out_console.print(f"  {f.label.ljust(width)}  {f.value}{note}", markup=False)
-    out_console.print("\nNetwork:", style="bold")
-    for line in result.advice:
+    for index, result in enumerate(results, 1):
+        which = f" (model {index} of {len(results)})" if len(results) > 1 else ""
+        out_console.print(
+            f"Dify → Settings → Model Provider → OpenAI-API-compatible → Add Model{which}, with these values:",
+            style="bold",
+        )
+        width = max(len(f.label) for f in result.fields)
+        for f in result.fields:
+            note = f"   ({f.note})" if f.note else ""
+            out_console.print(f"  {f.label.ljust(width)}  {f.value}{note}", markup=False)
+        out_console.print()
+    out_console.print("Network:", style="bold")
+    for line in results[0].advice:
         out_console.print(f"  - {line}", markup=False)
 
 
 def _facts(
-    model_dir: Path | None, server: str | None, api_key: str | None, served_name: str | None, context: int | None
-) -> ModelFacts:
-    """From the model folder if there is one, else from a running server, else from the flags alone."""
+    model_dir: Path | None,
+    server: str | None,
+    api_key: str | None,
+    served_name: str | None,
+    context: int | None,
+    models_file: Path | None = None,
+) -> list[ModelFacts]:
+    """From a models file or the model folder if there is one, else from a running server (every model it lists),
+    else from the flags alone."""
     import httpx
 
-    from vlmbridge.integrations.dify_recipe import ModelFacts, facts_from_folder, facts_from_server
+    from vlmbridge.integrations.dify_recipe import (
+        ModelFacts,
+        facts_from_folder,
+        facts_from_models_file,
+        models_from_server,
+    )
 
+    if models_file is None and model_dir is None and server is None and os.environ.get("VLMBRIDGE_MODELS_FILE"):
+        models_file = Path(os.environ["VLMBRIDGE_MODELS_FILE"])
+    if models_file is not None:
+        return facts_from_models_file(models_file)
     if model_dir is None and server is None and os.environ.get("VLMBRIDGE_MODEL"):
         model_dir = Path(os.environ["VLMBRIDGE_MODEL"])
     if model_dir is not None:
-        return facts_from_folder(model_dir, served_name=served_name, context=context)
+        return [facts_from_folder(model_dir, served_name=served_name, context=context)]
     # No folder: a server on this machine's default port often is the one Dify will use.
     url = server or f"http://127.0.0.1:{os.environ.get('VLMBRIDGE_PORT', '8000')}/v1"
     try:
-        facts = facts_from_server(url, api_key)
+        listed = models_from_server(url, api_key)
     except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
         if server is not None:
             err_console.print(f"warning: could not ask {url}: {exc}", style="bold yellow", markup=False)
-        return ModelFacts(name=served_name, context=context, vision=None, source="command line")
-    return ModelFacts(served_name or facts.name, context or facts.context, facts.vision, facts.source)
+        return [ModelFacts(name=served_name, context=context, vision=None, source="command line")]
+    if len(listed) == 1:
+        facts = listed[0]
+        return [ModelFacts(served_name or facts.name, context or facts.context, facts.vision, facts.source)]
+    return listed
 
 
 @app.command("template")

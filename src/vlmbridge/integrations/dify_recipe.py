@@ -14,9 +14,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from vlmbridge.errors import InvalidRequestError
+from vlmbridge.errors import InvalidRequestError, VlmbridgeError
 
-__all__ = ["ModelFacts", "Recipe", "facts_from_folder", "facts_from_server", "normalize_base_url", "recipe"]
+__all__ = [
+    "ModelFacts",
+    "Recipe",
+    "facts_from_folder",
+    "facts_from_models_file",
+    "facts_from_server",
+    "models_from_server",
+    "normalize_base_url",
+    "recipe",
+]
 
 DEFAULT_BASE_URL = "http://vlmbridge:8000/v1"  # deploy/dify.compose.yml: the service name on Dify's network
 _DEFAULT_CONTEXT = 32768  # the server's default cap: min(model maximum, 32768)
@@ -75,19 +84,45 @@ def facts_from_folder(path: Path, *, served_name: str | None = None, context: in
 
 def facts_from_server(url: str, api_key: str | None = None, timeout: float = 3.0) -> ModelFacts:
     """The first model a running server lists at /v1/models. Raises httpx.HTTPError when it cannot be asked."""
+    return models_from_server(url, api_key, timeout)[0]
+
+
+def models_from_server(url: str, api_key: str | None = None, timeout: float = 3.0) -> list[ModelFacts]:
+    """Every model a running server lists at /v1/models, loaded or not (it knows their context from the config)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     response = httpx.get(f"{url.rstrip('/')}/models", headers=headers, timeout=timeout)
     response.raise_for_status()
-    entry = response.json()["data"][0]
-    ext = entry.get("vlmbridge") or {}
-    context = entry.get("max_model_len")
-    vision = ext.get("vision")
-    return ModelFacts(
-        name=str(entry["id"]),
-        context=context if isinstance(context, int) else None,
-        vision=vision if isinstance(vision, bool) else None,
-        source=f"server {url}",
-    )
+    found = []
+    for entry in response.json()["data"]:
+        ext = entry.get("vlmbridge") or {}
+        context = entry.get("max_model_len")
+        vision = ext.get("vision")
+        found.append(
+            ModelFacts(
+                name=str(entry["id"]),
+                context=context if isinstance(context, int) else None,
+                vision=vision if isinstance(vision, bool) else None,
+                source=f"server {url}",
+            )
+        )
+    if not found:
+        raise ValueError(f"{url} lists no models")
+    return found
+
+
+def facts_from_models_file(file: Path) -> list[ModelFacts]:
+    """One entry per model of a models file, as the server will list them (its per-model context and name)."""
+    from vlmbridge.pool import read_models_file
+    from vlmbridge.settings import Settings
+
+    found = []
+    for spec in read_models_file(Settings(models_file=file), file):
+        try:
+            facts = facts_from_folder(spec.path, served_name=spec.name, context=spec.settings.context_length)
+        except VlmbridgeError:  # a broken folder: the server reports it; the entry is still printed
+            facts = ModelFacts(name=spec.name, context=None, vision=None, source=f"models file {file}")
+        found.append(ModelFacts(facts.name, facts.context, facts.vision, f"models file {file}"))
+    return found
 
 
 def normalize_base_url(url: str) -> tuple[str, list[str]]:
