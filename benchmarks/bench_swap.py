@@ -3,7 +3,8 @@
 Starts `vlmbridge serve --models FILE --admin-key K` in its own process on a tiny checkpoint (worker process
 engine), runs N closed-loop streaming clients (greedy, fixed length), and after a baseline period reloads the model
 from a second checkpoint of the same family (other weights). Prints the swap time (the admin call), failed requests,
-and p50/p99 latency of the requests before the swap and of those overlapping it. Two modes:
+p50/p99 latency of the requests before the swap and of those overlapping it, and when the old worker exited (for
+"drain first" it is gone before the switch: 0). Two modes:
 
   - two copies: the budget holds both; the new copy loads and warms up while the old one serves;
   - drain first: --memory-budget holds one copy only; the old copy finishes its requests and exits before the new
@@ -119,15 +120,18 @@ async def run_swap(
     await asyncio.sleep(baseline)
     headers = {"Authorization": f"Bearer {ADMIN}"}
     async with httpx.AsyncClient(base_url=base, timeout=600, headers=headers) as admin:
+        one_copy = (await admin.get("/admin/models")).json()["data"][0]["memory_bytes"]
         swap_start = time.monotonic()
         answer = await admin.post("/admin/models/m/reload", json={"path": str(new)})
         swap_end = time.monotonic()
         if answer.status_code != 200:
             raise SystemExit(f"reload failed: {answer.text}")
+        while workers(pid) > 1 and time.monotonic() - swap_end < 120:  # the old copy finishing and exiting
+            await asyncio.sleep(0.1)
+        old_gone = time.monotonic() - swap_end
         await asyncio.sleep(after)
         stop.set()
         await asyncio.gather(*tasks)
-        row = (await admin.get("/admin/models")).json()["data"][0]
     before = [end - start for start, end, ok in log if ok and end < swap_start]
     during = [end - start for start, end, ok in log if ok and start < swap_end and end > swap_start]
     return {
@@ -139,8 +143,8 @@ async def run_swap(
         "during_n": len(during),
         "during_p50": percentile(during, 0.5),
         "during_p99": percentile(during, 0.99),
-        "memory_mib": row["memory_bytes"] / 2**20,
-        "workers_after": workers(pid),
+        "one_copy_mib": one_copy / 2**20,
+        "old_gone_s": old_gone,
     }
 
 
@@ -149,7 +153,7 @@ def report(mode: str, r: dict[str, float]) -> None:
         f"{mode:12s} swap {r['swap_s']:6.2f} s | {int(r['requests'])} requests, {int(r['failed'])} failed | "
         f"latency before p50 {r['before_p50']:.3f} s p99 {r['before_p99']:.3f} s | "
         f"during the swap ({int(r['during_n'])}) p50 {r['during_p50']:.3f} s p99 {r['during_p99']:.3f} s | "
-        f"{int(r['workers_after'])} worker(s) {r['memory_mib']:.0f} MiB after"
+        f"old worker gone {r['old_gone_s']:.1f} s after the switch"
     )
 
 
@@ -174,11 +178,13 @@ def main() -> None:
             two = asyncio.run(run_swap(base, pid, new, args.clients, args.tokens, args.baseline, args.after))
         report("two copies", two)
         # A budget for one copy and a half: the new copy's reservation does not fit beside the old one.
-        budget = int(two["memory_mib"] * 1.5 * 2**20)
+        budget = int(two["one_copy_mib"] * 1.5 * 2**20)
         with serve(file, root / "drain.log", "--memory-budget", str(budget)) as (base, pid):
             drained = asyncio.run(run_swap(base, pid, new, args.clients, args.tokens, args.baseline, args.after))
         report("drain first", drained)
-        print(f"(drain first: --memory-budget {budget / 2**20:.0f} MiB; one copy measured {two['memory_mib']:.0f} MiB)")
+        print(
+            f"(drain first: --memory-budget {budget / 2**20:.0f} MiB; one copy measured {two['one_copy_mib']:.0f} MiB)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Container entry point for vlmbridge (deploy/Dockerfile installs it as /usr/local/bin/vlmbridge-entrypoint).
-#   serve [ARGS]   (default) check the model with `vlmbridge doctor`, then serve it on all interfaces; refuses to
-#                  listen beyond loopback without an API key
+#   serve [ARGS]   (default) check the model with `vlmbridge doctor`, then serve it on all interfaces (with
+#                  VLMBRIDGE_MODELS_FILE: serve the models file's models); refuses to listen beyond loopback
+#                  without an API key
 #   healthcheck    exit 0 when GET /health answers 200 (the Dockerfile's HEALTHCHECK)
 #   anything else  run as given, e.g. `docker run --rm IMAGE vlmbridge doctor /models`
 # Settings come from VLMBRIDGE_* variables (see `vlmbridge serve --help`).
@@ -25,6 +26,12 @@ case "$cmd" in
         fi
         ;;
     esac
+    if [ -n "${VLMBRIDGE_MODELS_FILE:-}" ]; then
+      # Several models: the server runs the doctor on each before loading it; a broken one is reported `failed`
+      # (GET /health, /admin/models) while the others serve.
+      unset VLMBRIDGE_MODEL
+      exec vlmbridge serve "$@"
+    fi
     # The full doctor report goes to the container log; it explains host-vs-container path mistakes
     # (e.g. VLMBRIDGE_MODEL=/home/me/models/... instead of the mount point /models).
     rc=0

@@ -327,7 +327,9 @@ class ServerSettings(BaseModel):
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _parse_size(cls, value: object) -> object:
-        return parse_size(value) if isinstance(value, str) else value
+        if isinstance(value, str):  # "" (an empty environment variable) = the default
+            return parse_size(value) if value.strip() else None
+        return value
 
     @field_validator("api_keys", "allow_image_hosts", "allow_local_dirs", mode="before")
     @classmethod
