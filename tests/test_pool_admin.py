@@ -48,7 +48,7 @@ models:
     path: {broken}
 """
     )
-    with running_models(file, admin_key=ADMIN, api_keys=[CLIENT], keepalive_interval=0.2) as s:
+    with running_models(file, admin_key=ADMIN, api_keys=[CLIENT], keepalive_interval=0.05) as s:
         yield s
 
 
@@ -111,7 +111,9 @@ def test_a_stream_waiting_for_its_model_gets_keepalive_comments(server: PoolServ
     with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, headers=AUTH, timeout=120) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line]
-    assert lines[0].startswith(":")  # comments first, while the model loaded
+    load = server.pool.slots["text"].load_seconds
+    assert load is not None and load > 0.1, "the load was too quick for keep-alive comments to show"
+    assert lines[0].startswith(":")  # comments first (every 0.05 s), while the model loaded
     data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert data and not any("error" in d for d in data) and lines[-1] == "data: [DONE]"
 
@@ -129,6 +131,8 @@ def test_a_broken_folder_fails_with_the_doctors_code_while_the_others_serve(serv
     row = next(m for m in server.admin("GET", "/models").json()["data"] if m["name"] == "broken")
     assert row["state"] == "failed" and row["code"] == "VB104" and "safetensors" in row["reason"]
     assert chat(server, "vl").status_code == 200
+    later = chat(server, "broken")  # not loaded again per request: the same failure, at once
+    assert later.status_code == 503 and later.json()["error"]["code"] == "VB104"
     again = server.admin("POST", "/models/broken/load")  # an operator's retry answers with the failure
     assert again.status_code == 503 and again.json()["error"]["code"] == "VB104"
 

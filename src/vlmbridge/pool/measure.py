@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["default_budget", "idle_worker_bytes", "pss_bytes", "tree_pss_bytes"]
+__all__ = ["idle_worker_bytes", "pss_bytes", "tree_pss_bytes"]
 
 # What the worker imports before it loads a model: measuring a process that imported the same is the idle cost.
 _PROBE = (
@@ -76,11 +76,3 @@ def idle_worker_bytes(timeout: float = 120.0) -> int:
     if pss is None:
         raise RuntimeError(f"could not measure an idle worker process: {done.stderr.strip()[-300:]}")
     return pss
-
-
-def default_budget(device: str) -> int | None:
-    """What the device has: all of the GPU's memory, or RAM within the container's limit."""
-    from vlmbridge.budget import device_budget
-
-    budget = device_budget(device)
-    return budget.total if budget.kind == "cuda" else budget.free

@@ -40,7 +40,9 @@ _EXPECTED_LOAD_S = 10.0  # the progress estimate for a model's first load; later
 
 
 class ModelPool:
-    def __init__(self, slots: Iterable[EngineSlot], *, budget: int | None = None) -> None:
+    def __init__(self, slots: Iterable[EngineSlot], *, budget: int | None = None, on_gpu: bool = False) -> None:
+        """`budget`: bytes all models may hold together (None: not counted); `on_gpu`: the budget is GPU memory,
+        counted from the engines' allocator figures (an idle worker's RAM is not part of it)."""
         self.slots: dict[str, EngineSlot] = {}
         self._names: dict[str, EngineSlot] = {}
         for slot in slots:
@@ -50,6 +52,7 @@ class ModelPool:
         if not self.slots:
             raise ValueError("a pool needs at least one model")
         self.budget = budget
+        self.on_gpu = on_gpu
         self._lock = threading.Lock()
         self._admit = threading.Lock()
         self._reserved: dict[int, int] = {}
@@ -210,8 +213,10 @@ class ModelPool:
                 # The doctor passed (or was skipped): let the load say what is wrong; its memory is measured after.
                 log.warning("model %s: no memory plan (%s); counting the worker's measured size only", slot.name, exc)
         in_process = slot.spec is None or slot.spec.settings.engine_worker != "process"
-        # Without a budget nothing is counted: skip measuring an idle worker (an interpreter importing torch).
-        need = planned + (0 if in_process or self.budget is None else self._idle_worker())
+        # Without a budget nothing is counted: skip measuring an idle worker (an interpreter importing torch). On a
+        # GPU the plan already holds the CUDA context, and a worker's RAM is not GPU memory.
+        counts_worker = not in_process and self.budget is not None and not self.on_gpu
+        need = planned + (self._idle_worker() if counts_worker else 0)
         token = self._reserve(slot, need)
         try:
             slot.progress = 0.2
@@ -231,7 +236,7 @@ class ModelPool:
             with self._lock:
                 self._reserved.pop(token, None)
         slot.load_seconds = time.monotonic() - started
-        if not in_process and self.budget is not None:
+        if counts_worker:
             self._learn(copy)
         log.info(
             "model %s: loaded in %.1f s (%s)",

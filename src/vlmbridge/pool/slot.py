@@ -41,9 +41,12 @@ class Copy:
         self.in_flight = 0
 
     def memory_bytes(self) -> int:
-        """Measured where it can be (the worker process tree's PSS), else the planner's figure."""
-        pid = self.engine.stats().worker_pid
-        measured = tree_pss_bytes(pid) if pid else None
+        """Measured where it can be — on a GPU what the CUDA allocator holds, on the CPU the worker process tree's
+        PSS — else the planner's figure."""
+        stats = self.engine.stats()
+        if stats.device_memory_bytes is not None:
+            return stats.device_memory_bytes
+        measured = tree_pss_bytes(stats.worker_pid) if stats.worker_pid else None
         return measured if measured is not None else self.planned
 
     def client_or_refuse(self, name: str) -> ModelClient:
@@ -228,7 +231,8 @@ class EngineSlot:
     def _refuse(self, copy: Copy | None) -> None:
         if copy is not None and copy.engine.state == "restarting":
             raise WorkerDiedError(f"model {self.name!r} is restarting: {copy.engine.state_reason}", code="worker_died")
-        raise EngineNotReadyError(f"model {self.name!r} is not ready: {self.reason}")
+        code = self.code if copy is None and self._failure is not None else None  # a failed load's cause, e.g. VB104
+        raise EngineNotReadyError(f"model {self.name!r} is not ready: {self.reason}", code=code)
 
     def release(self, copy: Copy) -> None:
         with self.lock:

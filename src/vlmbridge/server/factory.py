@@ -18,7 +18,10 @@ def build_slot(settings: Settings, path: Path) -> EngineSlot:
 
 def build_pool(settings: Settings, specs: list[ModelSpec]) -> ModelPool:
     """A pool of the configured models under the memory budget (default: what the device has)."""
-    from vlmbridge.pool.measure import default_budget
+    from vlmbridge.budget import device_budget
 
-    budget = settings.memory_budget or default_budget(settings.device)
-    return ModelPool([EngineSlot(spec.name, spec=spec) for spec in specs], budget=budget)
+    device = device_budget(settings.device)
+    on_gpu = device.kind == "cuda"
+    # What the device has: all of the GPU's memory, or the RAM available within the container's limit.
+    budget = settings.memory_budget or (device.total if on_gpu else device.free)
+    return ModelPool([EngineSlot(spec.name, spec=spec) for spec in specs], budget=budget, on_gpu=on_gpu)

@@ -398,7 +398,16 @@ class TransformersEngine:
             steps_after_cancel=c.steps_after_cancel,
             max_batch_seen=c.max_batch_seen,
             caches=caches,
+            device_memory_bytes=self._device_memory(),
         )
+
+    def _device_memory(self) -> int | None:
+        device = self.loaded.device
+        if device.type != "cuda":
+            return None
+        import torch
+
+        return int(torch.cuda.memory_reserved(device))
 
     def count_prompt(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
         inputs = self.prompts.build(messages)
