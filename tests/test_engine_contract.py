@@ -137,6 +137,6 @@ def test_stop_strings_are_matched_in_the_front_which_aborts_the_backend(
 def test_the_backends_stats_reach_metrics(scripted: tuple[Server, ScriptedEngine]) -> None:
     server, _ = scripted
     text = httpx.get(f"{server.base_url}/metrics").text
-    assert "vlmbridge_decode_steps 42.0" in text
-    assert "vlmbridge_running_requests 1.0" in text
-    assert 'vlmbridge_cache{cache="scripted",stat="hits"} 5.0' in text
+    assert 'vlmbridge_decode_steps{model="tiny"} 42.0' in text
+    assert 'vlmbridge_running_requests{model="tiny"} 1.0' in text
+    assert 'vlmbridge_cache{cache="scripted",model="tiny",stat="hits"} 5.0' in text

@@ -199,5 +199,5 @@ def test_follow_up_turn_reports_cached_tokens_and_metrics(tiny_model: TinyFactor
     assert first.usage is not None and second.usage is not None
     assert first.usage.prompt_tokens_details.cached_tokens == 0  # type: ignore[union-attr]
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens  # type: ignore[union-attr]
-    assert 'vlmbridge_cache{cache="prefix",stat="hits"} 1.0' in metrics
-    assert 'vlmbridge_cache{cache="encoder",stat="misses"} 1.0' in metrics
+    assert 'vlmbridge_cache{cache="prefix",model="tiny",stat="hits"} 1.0' in metrics
+    assert 'vlmbridge_cache{cache="encoder",model="tiny",stat="misses"} 1.0' in metrics

@@ -232,6 +232,7 @@ class ServerSettings(BaseModel):
     memory_budget: int | None = Field(
         None,
         ge=1 << 20,
+        le=1 << 50,
         description="Memory all loaded models may use together (2GiB, 512MiB or bytes); least recently used idle "
         "models are unloaded to make room. Default: what the device has.",
         json_schema_extra={"size": True},

@@ -55,7 +55,6 @@ def run_server(settings: Settings, pairs: list[str] | None = None) -> None:
     from vlmbridge.server import create_app
     from vlmbridge.server.runner import DrainingServer, uvicorn_config
 
-    models = _models(settings, pairs or [])
     if not _is_loopback(settings.host) and not settings.api_keys:
         err_console.print(
             f"WARNING: listening on {settings.host} without an API key — anyone who can reach this port can use "
@@ -63,6 +62,7 @@ def run_server(settings: Settings, pairs: list[str] | None = None) -> None:
             style="bold yellow on red",
         )
         log.warning("listening on %s without an API key", settings.host)
+    models = _models(settings, pairs or [])
     app = create_app(settings, models)
     config = uvicorn_config(app, settings.host, settings.port, log_level="info")
     DrainingServer(config, app.state.lifecycle, settings.shutdown_grace).run()
@@ -109,7 +109,7 @@ SERVE_SETTINGS = tuple(name for name in (*ServerSettings.model_fields, *ModelSet
 
 @setting_flags(*SERVE_SETTINGS)
 def serve(
-    models: Annotated[
+    model_dir: Annotated[
         list[str] | None,
         typer.Argument(
             metavar="MODEL_DIR | NAME=PATH...",
@@ -122,7 +122,7 @@ def serve(
 ) -> None:
     """Serve models with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health, /metrics): one folder,
     NAME=PATH pairs, or a models file (--models)."""
-    given = models or []
+    given = model_dir or []
     if len(given) == 1 and "=" not in given[0]:
         run_server(settings_from(model=Path(given[0]), **flags))
     elif given:

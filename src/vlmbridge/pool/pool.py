@@ -16,6 +16,7 @@ never count on the same free memory; a model with requests in flight or queued i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -88,7 +89,9 @@ class ModelPool:
     # --- life -------------------------------------------------------------------------------------------------------
     def start(self) -> None:
         for slot in self.slots.values():
-            if not slot.on_demand and slot.can_load:
+            if slot.ready_made:  # nothing to load: serving from the first request on, as the caller expects
+                self._run_load(slot, None, self.begin_load(slot, inline=True))
+            elif not slot.on_demand and slot.can_load:
                 self.begin_load(slot)
         if any(s.spec is not None and s.spec.keep_alive is not None for s in self.slots.values()):
             threading.Thread(target=self._reap, name="vlmbridge-keep-alive", daemon=True).start()
@@ -159,13 +162,23 @@ class ModelPool:
         slot = self.resolve(name)
         if slot.spec is None and path is not None:
             raise EngineNotReadyError(f"model {name!r} was given to the server ready-made; it cannot load a new path")
+        while (under_way := slot.loading) is not None:  # a load already under way is not this swap: let it end
+            with contextlib.suppress(Exception):
+                under_way.result()
         self.begin_load(slot, path, swap=True, retry=True).result()
 
     # --- loading ------------------------------------------------------------------------------------------------------
     def begin_load(
-        self, slot: EngineSlot, path: Path | None = None, *, swap: bool = False, retry: bool = False
+        self,
+        slot: EngineSlot,
+        path: Path | None = None,
+        *,
+        swap: bool = False,
+        retry: bool = False,
+        inline: bool = False,
     ) -> Future[None]:
-        """Start loading the slot (once: a load under way is shared) on a thread; the future says how it ended."""
+        """Start loading the slot (once: a load under way is shared) on a thread (`inline`: the caller runs
+        `_run_load` itself); the future says how it ended."""
         with slot.lock:
             if slot.loading is not None:
                 return slot.loading
@@ -177,6 +190,8 @@ class ModelPool:
                 future.set_exception(EngineNotReadyError(f"model {slot.name!r} failed: {slot.last_failure}"))
                 return future
             slot.loading, slot.progress = future, 0.0
+        if inline:
+            return future
         threading.Thread(
             target=self._run_load, args=(slot, path, future), name=f"load-{slot.name}", daemon=True
         ).start()

@@ -107,6 +107,11 @@ class EngineSlot:
         return self.spec is not None and self.spec.load == "on-demand"
 
     @property
+    def ready_made(self) -> bool:
+        """An engine was handed over ready to serve (tests, embedding): nothing loads."""
+        return self._given is not None
+
+    @property
     def can_load(self) -> bool:
         return self.spec is not None or self._factory is not None or self._given is not None
 
