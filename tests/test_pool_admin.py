@@ -46,6 +46,9 @@ models:
     context_length: 2048
   - name: broken
     path: {broken}
+  - name: slow                # a worker process: a load long enough to see keep-alive comments
+    path: {tiny_model("qwen2")}
+    engine_worker: process
 """
     )
     with running_models(file, admin_key=ADMIN, api_keys=[CLIENT], keepalive_interval=0.05) as s:
@@ -68,13 +71,13 @@ def test_health_is_200_once_the_startup_models_are_ready_with_every_state(server
     health = httpx.get(f"{server.base_url}/health")
     assert health.status_code == 200
     assert health.json()["models"]["vl"] == "ready"
-    assert set(health.json()["models"]) == {"vl", "text", "broken"}
+    assert set(health.json()["models"]) == {"vl", "text", "broken", "slow"}
 
 
 def test_v1_models_lists_every_configured_model_loaded_or_not(server: PoolServer) -> None:
     server.admin("POST", "/models/text/unload")
     data = {m["id"]: m for m in httpx.get(f"{server.v1}/models", headers=AUTH).json()["data"]}
-    assert set(data) == {"vl", "text", "broken"}
+    assert set(data) == {"vl", "text", "broken", "slow"}
     assert data["vl"]["vlmbridge"]["state"] == "ready" and data["vl"]["vlmbridge"]["modalities"] == ["text", "image"]
     assert data["vl"]["vlmbridge"]["aliases"] == ["vision"]
     text = data["text"]
@@ -86,7 +89,7 @@ def test_v1_models_lists_every_configured_model_loaded_or_not(server: PoolServer
 def test_unknown_models_are_404_naming_the_served_ones(server: PoolServer) -> None:
     r = chat(server, "nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    assert "'vl', 'text', 'broken'" in r.json()["error"]["message"]
+    assert "'vl', 'text', 'broken', 'slow'" in r.json()["error"]["message"]
 
 
 def test_an_alias_reaches_its_model(server: PoolServer) -> None:
@@ -105,13 +108,13 @@ def test_concurrent_first_requests_trigger_one_load(server: PoolServer) -> None:
 
 
 def test_a_stream_waiting_for_its_model_gets_keepalive_comments(server: PoolServer) -> None:
-    server.admin("POST", "/models/text/unload")
     lines: list[str] = []
-    body = {"model": "text", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+    body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
     with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, headers=AUTH, timeout=120) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line]
-    load = server.pool.slots["text"].load_seconds
+    server.admin("POST", "/models/slow/unload")  # its worker process exits
+    load = server.pool.slots["slow"].load_seconds
     assert load is not None and load > 0.1, "the load was too quick for keep-alive comments to show"
     assert lines[0].startswith(":")  # comments first (every 0.05 s), while the model loaded
     data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
@@ -153,7 +156,7 @@ def test_admin_routes_refuse_no_key_and_the_client_key(server: PoolServer) -> No
 def test_admin_lists_models(server: PoolServer) -> None:
     body = server.admin("GET", "/models").json()
     rows = {row["name"]: row for row in body["data"]}
-    assert set(rows) == {"vl", "text", "broken"}
+    assert set(rows) == {"vl", "text", "broken", "slow"}
     vl = rows["vl"]
     assert vl["state"] == "ready" and vl["memory_bytes"] > 0 and vl["progress"] is None and vl["in_flight"] == 0
     assert set(vl) >= {"name", "path", "state", "reason", "code", "memory_bytes", "last_used", "in_flight", "progress"}
@@ -196,3 +199,16 @@ def test_the_models_command_against_a_real_server(server: PoolServer) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode == 1 and "401" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_request_times_out_while_its_model_loads_and_the_load_goes_on(
+    tiny_model: TinyFactory, tmp_path: Path
+) -> None:
+    file = tmp_path / "models.yaml"
+    file.write_text(f"models:\n  - name: t\n    path: {tiny_model('qwen2')}\n")
+    with running_models(file, request_timeout=0.05) as s:
+        body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        r = httpx.post(f"{s.v1}/chat/completions", json=body, timeout=60)
+        assert r.status_code == 504 and "while model 't' loaded" in r.json()["error"]["message"]
+        wait_state(s, "t", "ready")  # the load was not cancelled with the request
+        assert s.pool.slots["t"].loads == 1

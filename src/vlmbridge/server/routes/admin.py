@@ -32,7 +32,7 @@ from vlmbridge.server.state import AppState
 
 __all__ = ["model_row", "router"]
 
-router = APIRouter()
+router = APIRouter(include_in_schema=False)  # an operator's API on its own key, documented in docs/models.md
 _MAX_BODY = 4096
 
 

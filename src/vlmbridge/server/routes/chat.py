@@ -48,7 +48,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 end()
 
         return _EventStream(late, end_all)
-    copy = await vlm.pool.acquire(slot)
+    copy = await _acquire(vlm, slot, deadline)
     stream, completion, done = await _start(vlm, slot, copy, body)
     if body.stream:
         return _EventStream(_events(vlm, slot.name, stream, completion, arrived, deadline), done)
@@ -57,6 +57,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     finally:
         done()
     return JSONResponse(completion.response())
+
+
+async def _acquire(vlm: AppState, slot: EngineSlot, deadline: float) -> Copy:
+    """Lease the model, waiting for it to load if it must, within the request's deadline (the load goes on)."""
+    try:
+        return await asyncio.wait_for(vlm.pool.acquire(slot), timeout=max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise RequestTimeoutError(f"the request ran past its timeout while model {slot.name!r} loaded") from None
 
 
 async def _start(
@@ -126,7 +134,7 @@ async def _after_load(
             if not waiting.done():
                 yield KEEPALIVE
         waiting.result()
-        copy = await vlm.pool.acquire(slot)
+        copy = await _acquire(vlm, slot, deadline)
         stream, completion, done = await _start(vlm, slot, copy, body)
     except VlmbridgeError as exc:
         yield sse(error_body(exc))
