@@ -3,10 +3,15 @@ values are refused at start-up with the entry and key named; a broken folder is 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.conftest import TinyFactory
 from tests.test_cli import assert_one_clear_line, vlmbridge
 from vlmbridge.errors import ModelsFileError
 from vlmbridge.pool import read_models_file, specs_from_pairs
@@ -111,3 +116,31 @@ def test_serve_refuses_a_bad_models_file_in_one_line(tmp_path: Path) -> None:
     file = write(tmp_path, "models:\n  - name: a\n    path: /x\n    max_pixel: 5\n")
     assert_one_clear_line(vlmbridge("serve", "--models", str(file)), "entry 1 ('a')", "unknown key 'max_pixel'")
     assert_one_clear_line(vlmbridge("serve", "a=/x", "--models", str(file)), "not both")
+
+
+def test_serve_name_path_pairs(tiny_model: TinyFactory, tmp_path: Path) -> None:
+    from tests.test_dify_deploy import free_port
+
+    port = free_port()
+    args = ["serve", f"vl={tiny_model('qwen3_vl')}", f"text={tiny_model('qwen2')}", "--port", str(port)]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "vlmbridge", *args], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # nothing loads at start-up: healthy as soon as it listens
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                health = httpx.get(f"{base}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert health.status_code == 200 and health.json()["models"] == {"vl": "unloaded", "text": "unloaded"}
+        body = {"model": "text", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        assert httpx.get(f"{base}/health").json()["models"] == {"vl": "unloaded", "text": "ready"}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
