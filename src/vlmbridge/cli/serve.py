@@ -112,7 +112,7 @@ def serve(
     model_dir: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="MODEL_DIR | NAME=PATH...",
+            metavar="MODEL_DIR | NAME=PATH",
             help=escape(f"A model folder, or NAME=PATH pairs (loaded on first request). [env: {env_var('model')}]"),
             show_default=False,
         ),
