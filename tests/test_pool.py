@@ -62,10 +62,11 @@ class PssSampler:
 
 @pytest.fixture(scope="module")
 def budget(tiny_model: TinyFactory) -> int:
-    """Room for two loaded tiny models, not three: what the pool itself reserves for one load is the plan plus an
-    idle worker; a loaded one measures about that (see the first test's figures)."""
+    """Room for two tiny models serving long streams, not for three loaded ones: the pool reserves the plan plus an
+    idle worker for a load (about 530 MiB here); a loaded worker measures about that, one that served two
+    4000-token streams about 20 % more (the figures print below)."""
     one = idle_worker_bytes() + max(planned_bytes(ModelSettings(), tiny_model(f)) for f in FAMILIES.values())
-    return int(2.4 * one)
+    return int(2.7 * one)
 
 
 @pytest.fixture(scope="module")

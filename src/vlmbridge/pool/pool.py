@@ -273,8 +273,17 @@ class ModelPool:
             time.sleep(0.2)
 
     def _idle_worker(self) -> int:
+        """What a worker holds beyond its plan: measured once for an idle one, then the most any loaded worker was
+        seen to hold beyond its plan (a model serving long streams holds more than one just loaded)."""
+        served = [
+            c.peak - c.planned
+            for s in self.slots.values()
+            for c in [*s.draining, *([s.current] if s.current is not None else [])]
+            if c.peak
+        ]
         with self._lock:
             if self._baseline is not None:
+                self._baseline = max(self._baseline, *served)
                 return self._baseline
         try:
             measured = idle_worker_bytes()

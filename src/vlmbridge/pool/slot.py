@@ -39,15 +39,19 @@ class Copy:
         self.path = path
         self.planned = planned
         self.in_flight = 0
+        self.peak = 0  # the most it was measured to hold: what serving costs beyond loading
 
     def memory_bytes(self) -> int:
         """Measured where it can be — on a GPU what the CUDA allocator holds, on the CPU the worker process tree's
         PSS — else the planner's figure."""
         stats = self.engine.stats()
         if stats.device_memory_bytes is not None:
-            return stats.device_memory_bytes
-        measured = tree_pss_bytes(stats.worker_pid) if stats.worker_pid else None
-        return measured if measured is not None else self.planned
+            measured: int | None = stats.device_memory_bytes
+        else:
+            measured = tree_pss_bytes(stats.worker_pid) if stats.worker_pid else None
+        held = measured if measured is not None else self.planned
+        self.peak = max(self.peak, held)
+        return held
 
     def client_or_refuse(self, name: str) -> ModelClient:
         if self.client is None:
