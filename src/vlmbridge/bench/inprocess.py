@@ -15,9 +15,14 @@ __all__ = ["in_process"]
 def in_process(
     model: Path, work: Workload, batch: int, rounds: int, count: Callable[[str], int], dtype: str = "auto",
     on_done: Callable[[], None] = lambda: None, keep_text: bool = False, device: str = "cpu",
+    threads: int | None = None,
 ) -> RunResult:  # fmt: skip
-    """`rounds` calls of generate() on `batch` identical prompts (left-padded); tokens re-counted from text."""
+    """`rounds` calls of generate() on `batch` identical prompts (left-padded); tokens re-counted from text.
+    `threads` sets torch's CPU threads for the run (None leaves them as they are)."""
     import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     from vlmbridge.loader import LoadOptions, load_model
     from vlmbridge.media.decode import decode_image
