@@ -17,7 +17,10 @@ def tiny_model(
     family: Annotated[
         str, typer.Option(help="qwen3_vl, qwen3_vl_moe, qwen2_5_vl, qwen2_vl or qwen2 (text-only).")
     ] = "qwen3_vl",
-    size: Annotated[str, typer.Option(help="tiny (~0.3M params) or small (~30M params, for benchmarks).")] = "tiny",
+    size: Annotated[str, typer.Option(
+            help="tiny (~0.3M params), tiny-vllm (tiny with 32-dim heads, which vLLM's CPU attention accepts) "
+            "or small (~30M params, for benchmarks)."
+        )] = "tiny",
     shards: Annotated[int, typer.Option(min=1, max=64, help="Number of safetensors shards.")] = 1,
     layout: Annotated[
         str,
@@ -30,14 +33,14 @@ def tiny_model(
     ] = False,
 ) -> None:
     """Build a tiny checkpoint with a real architecture, tokenizer, processor and chat template (no download)."""
-    from vlmbridge.tiny.builder import FAMILY_NAMES, Layout, Size, build_tiny_model
+    from vlmbridge.tiny.builder import FAMILY_NAMES, SIZES, Layout, Size, build_tiny_model
 
     size_name = cast(Size, size)
     layout_name = cast(Layout, layout)
     if family not in FAMILY_NAMES:
         raise ModelFolderError(f"unknown family {family!r}", fix=f"use one of: {', '.join(FAMILY_NAMES)}")
-    if size not in ("tiny", "small"):
-        raise ModelFolderError(f"unknown size {size!r}", fix="use --size tiny or --size small")
+    if size not in SIZES:
+        raise ModelFolderError(f"unknown size {size!r}", fix=f"use --size {' or '.join(SIZES)}")
     if layout not in ("official", "transformers"):
         raise ModelFolderError(f"unknown layout {layout!r}", fix="use --layout official or --layout transformers")
     if out.exists() and not out.is_dir():

@@ -23,11 +23,12 @@ from typing import Any, Literal
 
 from vlmbridge.families import FAMILIES, family_for
 
-__all__ = ["FAMILY_NAMES", "Layout", "Size", "TinySpec", "Variant", "build_tiny_model", "chat_template_for"]
+__all__ = ["FAMILY_NAMES", "SIZES", "Layout", "Size", "TinySpec", "Variant", "build_tiny_model", "chat_template_for"]
 
 Layout = Literal["official", "transformers"]
 Variant = Literal["instruct", "thinking"]
-Size = Literal["tiny", "small"]
+Size = Literal["tiny", "tiny-vllm", "small"]
+SIZES: tuple[Size, ...] = ("tiny", "tiny-vllm", "small")
 FAMILY_NAMES = tuple(FAMILIES)
 
 # Official sampling defaults of each family's generation_config.json (facts file + the public repos).
@@ -97,6 +98,8 @@ class _Dims:
 _DIMS: dict[str, _Dims] = {
     # ~0.3 M parameters: loads in a fraction of a second.
     "tiny": _Dims(1024, 64, 2, 128, 4, 2, 16, 2, 32, 64, 2, 4, 32),
+    # tiny with 32-dim attention heads: vLLM's CPU attention takes head sizes 32, 64, 80, … only (not 16).
+    "tiny-vllm": _Dims(1024, 64, 2, 128, 2, 1, 32, 2, 32, 64, 2, 4, 32),
     # ~30 M parameters: for benchmarks (close to the 29.7 M model the reference figures were measured on).
     "small": _Dims(4096, 384, 8, 1536, 6, 2, 64, 4, 256, 1024, 4, 8, 384),
 }
@@ -265,7 +268,7 @@ def build_tiny_model(
     if fam is None:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_NAMES)}")
     if size not in _DIMS:
-        raise ValueError(f"unknown size {size!r}; choose tiny or small")
+        raise ValueError(f"unknown size {size!r}; choose {', '.join(SIZES)}")
     if layout not in ("official", "transformers"):
         raise ValueError(f"unknown layout {layout!r}; choose official or transformers")
     if shards < 1:
