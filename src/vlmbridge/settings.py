@@ -172,6 +172,39 @@ class ModelSettings(BaseModel):
         "a long prefill on a CPU can take many seconds.",
     )
 
+    # --- vLLM backend (engine: vllm) -------------------------------------------------------------------------
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="transformers: the embedded engine (CPU, laptops, CI); vllm: the model's worker runs vLLM's "
+        "AsyncLLM (GPU speed, tensor/pipeline parallelism, Ray) behind the same API (docs/scale.md).",
+    )
+    vllm_python: Path | None = Field(
+        None,
+        description="Python interpreter of a venv with vLLM, for engine: vllm workers (vLLM keeps the torch build it "
+        "needs); default: VLMBRIDGE_VLLM_PYTHON, else this interpreter.",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=256, description="engine: vllm — GPUs each layer is split across (tensor parallelism)."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=64, description="engine: vllm — pipeline stages the layers are split into (GPUs or nodes)."
+    )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None,
+        description="engine: vllm — how vLLM runs its GPU workers: mp (one node) or ray (several nodes); default: "
+        "vLLM's choice.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="engine: vllm — share of each GPU's memory vLLM may use (weights, KV, graphs)."
+    )
+    vllm_cpu_kv_cache_gib: float = Field(
+        4.0,
+        gt=0,
+        le=4096,
+        description="engine: vllm on a CPU — GiB of KV cache (VLLM_CPU_KVCACHE_SPACE; vLLM's own default takes "
+        "a share of all RAM).",
+    )
+
     @field_validator("trust_remote_code", mode="before")
     @classmethod
     def _parse_pins(cls, value: object) -> object:

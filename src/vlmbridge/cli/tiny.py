@@ -17,10 +17,13 @@ def tiny_model(
     family: Annotated[
         str, typer.Option(help="qwen3_vl, qwen3_vl_moe, qwen2_5_vl, qwen2_vl or qwen2 (text-only).")
     ] = "qwen3_vl",
-    size: Annotated[str, typer.Option(
+    size: Annotated[
+        str,
+        typer.Option(
             help="tiny (~0.3M params), tiny-vllm (tiny with 32-dim heads, which vLLM's CPU attention accepts) "
             "or small (~30M params, for benchmarks)."
-        )] = "tiny",
+        ),
+    ] = "tiny",
     shards: Annotated[int, typer.Option(min=1, max=64, help="Number of safetensors shards.")] = 1,
     layout: Annotated[
         str,

@@ -44,6 +44,24 @@ _CRASHES, _CRASH_WINDOW_S = 3, 300.0
 _ANSWER_S = 300.0  # a worker that neither accepts nor refuses a request in this long is treated as stuck
 
 
+def _worker_env(python: str) -> dict[str, str] | None:
+    """Another interpreter imports the vlmbridge this front runs (not whatever its venv holds), first on its path."""
+    if python == sys.executable:
+        return None
+    import vlmbridge
+
+    source = str(Path(vlmbridge.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker's process group (the worker and every process it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 class ProcessEngine:
     def __init__(
         self,
@@ -52,11 +70,15 @@ class ProcessEngine:
         name: str,
         *,
         beat_timeout: float = 10.0,
+        python: str | None = None,
     ) -> None:
+        """`python`: the worker's interpreter (default: this one); another venv's (vLLM's) runs this same
+        vlmbridge code, found through PYTHONPATH."""
         self._model_json = model.model_dump_json()
         self._path = str(path)
         self._name = name
         self._beat_timeout = beat_timeout
+        self._python = python or sys.executable
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -166,6 +188,7 @@ class ProcessEngine:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+            _kill_group(proc)  # anything the worker started and left behind
         self._fail_all(EngineNotReadyError("the server is shutting down", code="shutting_down"))
 
     # --- the worker's life ---------------------------------------------------------------------------------------
@@ -174,9 +197,13 @@ class ProcessEngine:
         # front's state (threads, the event loop, its __main__) is copied or re-imported.
         ours, theirs = socket.socketpair()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vlmbridge.engine.worker", str(theirs.fileno()), str(os.getpid())],
+            [self._python, "-m", "vlmbridge.engine.worker", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
+            env=_worker_env(self._python),
+            # Its own process group: what the worker starts (vLLM's engine core and model workers) is killed with
+            # it, even after a SIGKILL that gives it no chance to clean up.
+            start_new_session=True,
         )
         theirs.close()
         front = Connection(ours.detach())
@@ -240,6 +267,7 @@ class ProcessEngine:
             if call is not None and not call.done():
                 call.set_result(message[2])
         elif kind == "ready":
+            self._last_beat = time.monotonic()  # beats start now: loading may have taken longer than beat_timeout
             self._info = message[1]
             self._last_beat = time.monotonic()  # beats start now: a long load is not silence
             self._state, self._reason = "ready", "ready"  # earlier crashes still count within their window
@@ -279,9 +307,8 @@ class ProcessEngine:
         proc = self._proc
         log.error("model %s: worker %s is stuck (%s); killing it", self._name, proc.pid if proc else "?", why)
         self._reason = f"worker stuck: {why}"
-        if proc is not None and proc.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            _kill_group(proc)
 
     def _death_cause(self) -> str:
         proc = self._proc
@@ -290,6 +317,7 @@ class ProcessEngine:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
         code = proc.returncode
+        _kill_group(proc)  # the worker is gone: so must be what it started
         if self._reason.startswith("worker stuck"):
             return self._reason
         if code is not None and code < 0:

@@ -39,6 +39,8 @@ def _die_with_parent(parent: int) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
+        if os.getpgrp() == os.getpid():  # our own group (ProcessEngine's doing): take what we started with us
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         os._exit(0)
 
     threading.Thread(target=watch, name="vlmbridge-parent-watch", daemon=True).start()

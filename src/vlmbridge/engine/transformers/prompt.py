@@ -9,8 +9,9 @@ or end a turn early.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,15 +171,8 @@ class PromptBuilder:
             out.append(entry)
         return out
 
-    def build(
-        self,
-        messages: tuple[ChatMessage, ...],
-        template_kwargs: Mapping[str, Any] | None = None,
-        *,
-        tools: Sequence[Mapping[str, Any]] = (),
-    ) -> ModelInputs:
-        if not messages:
-            raise InvalidRequestError("messages must not be empty", param="messages")
+    def template_kwargs(self, template_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A client's chat_template_kwargs, checked: none of apply_chat_template's own, only what it reads."""
         kwargs = dict(template_kwargs or {})
         bad = sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS)
         if bad:
@@ -189,6 +183,44 @@ class PromptBuilder:
         # and its warnings would write client-chosen text into the log.
         if self._template_vars is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in self._template_vars}
+        return kwargs
+
+    def placeholder_ids(
+        self,
+        messages: tuple[ChatMessage, ...],
+        template_kwargs: Mapping[str, Any] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] = (),
+    ) -> list[int]:
+        """The prompt's token ids with ONE image placeholder per image, unexpanded (what an engine that runs the
+        processor itself, like vLLM, takes); control tokens typed by users are encoded as text."""
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        conv = self.template_messages(messages)
+        owner = self.processor if self.processor is not None else self.tokenizer
+        with _template_errors():
+            ids = self.tokenizer.apply_chat_template(
+                conv,
+                chat_template=getattr(owner, "chat_template", None),
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=False,
+                sanitize_control_tokens=True,
+                **({"tools": [dict(tool) for tool in tools]} if tools else {}),
+                **self.template_kwargs(template_kwargs),
+            )
+        return [int(t) for t in ids]
+
+    def build(
+        self,
+        messages: tuple[ChatMessage, ...],
+        template_kwargs: Mapping[str, Any] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] = (),
+    ) -> ModelInputs:
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        kwargs = self.template_kwargs(template_kwargs)
         conv = self.template_messages(messages)
         parts = [p for m in messages for p in m.images]
         processed = self._pixels.process(parts) if self.processor is not None else []
@@ -204,20 +236,11 @@ class PromptBuilder:
         )
         if tools:  # the template renders them its own way (Qwen: a # Tools block in the system turn)
             common["tools"] = [dict(tool) for tool in tools]
-        try:
+        with _template_errors():
             if self.processor is not None:
                 enc = self._pixels.processor_for(processed, videos).apply_chat_template(conv, **common)
             else:
                 enc = self.tokenizer.apply_chat_template(conv, **common)
-        except (TypeError, ValueError, KeyError, IndexError) as exc:
-            # Template errors (e.g. raise_exception for an unsupported role order) are the caller's input.
-            raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from None
-        except Exception as exc:  # jinja2.TemplateError and friends
-            if type(exc).__module__.startswith("jinja2"):
-                raise InvalidRequestError(
-                    f"the chat template rejected these messages: {exc}", param="messages"
-                ) from None
-            raise
         tensors = dict(enc)
         ids = tensors["input_ids"]
         prompt_tokens = int(ids.shape[-1])
@@ -283,6 +306,19 @@ def _template_call(call: ToolCall) -> dict[str, Any]:
     except ValueError:
         arguments = call.arguments  # the front checked it; a template that wants text still gets it
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+@contextlib.contextmanager
+def _template_errors() -> Iterator[None]:
+    """Template errors (e.g. raise_exception for an unsupported role order) are the caller's input: a 400."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from None
+    except Exception as exc:  # jinja2.TemplateError and friends
+        if type(exc).__module__.startswith("jinja2"):
+            raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from None
+        raise
 
 
 def _runs(ids: list[int], token: int | None) -> list[tuple[int, int]]:

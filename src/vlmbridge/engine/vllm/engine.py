@@ -1,0 +1,387 @@
+"""`VllmEngine`: vLLM's `AsyncLLM` behind our engine contract, inside a model's worker process.
+
+`AsyncLLM` lives on an asyncio loop in a thread of its own (vLLM's engine core and model workers are processes
+beneath it). `generate` does our part on the caller's thread — the chat template with control tokens sanitized,
+images decoded within their pixel budgets, the context check — then hands vLLM token ids and PIL images (never
+URLs) and waits until vLLM accepted or refused the request. A pump task on the loop turns vLLM's delta outputs into
+`EngineOutput`s (token ids; the front's output pipeline detokenizes, matches stop strings and aborts, as for the
+transformers engine). Usage comes from vLLM: prompt tokens, image tokens counted from the placeholder ids in
+`RequestOutput.prompt_token_ids`, cached tokens from its prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
+from vlmbridge.engine.transformers.prompt import PromptBuilder
+from vlmbridge.engine.types import (
+    ChatMessage,
+    EngineOutput,
+    EngineStats,
+    GenerationRequest,
+    ImagePart,
+    PixelBudget,
+    SamplingParams,
+    TextPart,
+)
+from vlmbridge.engine.vllm.mapping import PreparedPrompt, from_vllm, to_vllm
+from vlmbridge.engine.vllm.preflight import check_devices, check_vllm
+from vlmbridge.errors import (
+    ContextLengthError,
+    EngineFailedError,
+    EngineNotReadyError,
+    ImageInputError,
+    InvalidRequestError,
+    QueueFullError,
+)
+from vlmbridge.families import family_for
+from vlmbridge.folder import ModelFolder
+
+if TYPE_CHECKING:
+    from vlmbridge.settings import ModelSettings
+
+__all__ = ["VllmEngine"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_ACCEPT_S = 300.0  # vLLM's input processing of one request (HF processor on its images)
+
+
+class VllmEngine:
+    def __init__(self, model: ModelSettings, path: Path, name: str) -> None:
+        self.version = check_vllm()
+        import torch
+
+        check_devices(model, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        self.model = model
+        folder = ModelFolder.open(path)
+        fam = family_for(folder.model_type)
+        is_vlm = bool(fam and fam.is_vlm)
+        max_pos = int(folder.text_config.get("max_position_embeddings") or 32768)
+        self.context_length = min(model.context_length or min(max_pos, 32768), max_pos)
+        self._prompts = _prompt_builder(path, is_vlm, self.context_length)
+        self._generation_config = _generation_config(path)
+        self._image_token_id = self._prompts.image_token_id if is_vlm else None
+        on_cpu = model.device == "cpu" or not torch.cuda.is_available()
+        dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[model.dtype]
+        self._info = EngineInfo(
+            model_id=name,
+            model_path=str(path),
+            model_type=folder.model_type or "",
+            model_class=(folder.architectures or ["?"])[0],
+            kind="vlm" if is_vlm else "text",
+            context_length=self.context_length,
+            dtype=dtype if dtype != "auto" else (folder.stored_dtype or "auto"),
+            device="cpu" if on_cpu else "cuda",
+            quantization="none",
+        )
+        self._state: EngineState = "loading"
+        self._reason = "starting vLLM"
+        self._capacity = model.max_batch_size + model.max_queue
+        self._live: dict[str, RequestStream[EngineOutput]] = {}  # only touched on the loop's thread
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._early_aborts: set[str] = set()  # aborts that overtook their request's acceptance
+        self._ids = itertools.count(1)
+        self._steps = 0
+        self._cancelled = 0
+        self._max_batch = 0
+        if on_cpu:  # vLLM's default takes a share of all RAM for the KV cache
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{model.vllm_cpu_kv_cache_gib:g}")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vlmbridge-vllm-loop", daemon=True)
+        self._thread.start()
+        self._llm: Any = self._call(self._build(path, dtype, is_vlm, on_cpu), timeout=None)
+
+    async def _build(self, path: Path, dtype: str, is_vlm: bool, on_cpu: bool) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        m = self.model
+        args: dict[str, Any] = dict(
+            model=str(path),
+            served_model_name=[self._info.model_id],
+            dtype=dtype,
+            max_model_len=self.context_length,
+            max_num_seqs=m.max_batch_size,
+            enable_prefix_caching=True,
+            tensor_parallel_size=m.tensor_parallel_size,
+            pipeline_parallel_size=m.pipeline_parallel_size,
+            distributed_executor_backend=m.distributed_executor_backend,
+            gpu_memory_utilization=m.gpu_memory_utilization,
+            enforce_eager=on_cpu,  # CPU: no graphs to capture; compiling costs minutes on start-up
+            disable_log_stats=True,
+        )
+        if is_vlm:
+            # Start-up reservation from our admission limits: the most images one request may carry (8 by default;
+            # the server refuses more), each at most max_pixels — vLLM never reserves for images we would refuse.
+            args["limit_mm_per_prompt"] = {"image": _IMAGES_PER_PROMPT, "video": 0}
+            args["mm_processor_kwargs"] = _budget_kwargs(PixelBudget(m.max_pixels, m.min_pixels))
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    # --- contract ------------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def state(self) -> EngineState:
+        if self._state == "ready" and getattr(self._llm, "errored", False):
+            return "failed"
+        return self._state
+
+    @property
+    def state_reason(self) -> str:
+        if self.state == "failed" and self._state == "ready":
+            return "vLLM's engine core died; restart the model"
+        return self._reason
+
+    def start(self, *, warm_up: bool = True) -> None:
+        if warm_up:
+            self._state, self._reason = "warming_up", "running a warm-up generation"
+            try:
+                self._warm_up()
+            except Exception as exc:
+                self._state, self._reason = "failed", f"warm-up generation failed: {exc}"
+                raise
+        self._state, self._reason = "ready", "ready"
+
+    def generate(
+        self, request: GenerationRequest, stream: RequestStream[EngineOutput] | None = None
+    ) -> RequestStream[EngineOutput]:
+        if self.state not in ("ready", "warming_up"):
+            raise EngineNotReadyError(f"model is not ready: {self.state_reason}")
+        if len(self._live) >= self._capacity:
+            raise QueueFullError(f"{self._capacity} requests are already in the engine; retry later")
+        if not request.request_id:
+            request = replace(request, request_id=f"req-{next(self._ids)}")
+        prepared = self._prepare(request)
+        stream = stream if stream is not None else RequestStream(request.request_id)
+        prompt, params = to_vllm(prepared, self._generation_config)
+        self._call(self._submit(prepared, prompt, params, stream), timeout=_ACCEPT_S)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop already stopped: shutting down
+            asyncio.run_coroutine_threadsafe(self._abort(request_id), self._loop)
+
+    def count_prompt(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
+        ids, extra = self._placeholders(messages, None)
+        images = sum(len(m.images) for m in messages)
+        return PromptStats(prompt_tokens=len(ids) + extra, image_tokens=extra + images)
+
+    def queue_depth(self) -> int:
+        return max(0, len(self._live) - self.model.max_batch_size)
+
+    def stats(self) -> EngineStats:
+        live = len(self._live)
+        return EngineStats(
+            queue_depth=self.queue_depth(),
+            running=min(live, self.model.max_batch_size),
+            decode_steps=self._steps,
+            cancelled=self._cancelled,
+            max_batch_seen=self._max_batch,
+        )
+
+    def shutdown(self) -> None:
+        self._state, self._reason = "stopped", "shut down"
+        llm, self._llm = self._llm, None
+        try:
+            llm.shutdown()
+        except Exception as exc:  # shutting down: report, never raise
+            log.warning("vLLM shutdown: %s", exc)
+        del llm  # now, while the interpreter is whole (AsyncLLM.__del__ shuts down again)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    # --- preparing -----------------------------------------------------------------------------------------------
+    def _placeholders(self, messages: tuple[ChatMessage, ...], template_kwargs: Any) -> tuple[list[int], int]:
+        """(prompt ids with one placeholder per image, the tokens the placeholders expand by)."""
+        ids = self._prompts.placeholder_ids(messages, template_kwargs)
+        parts = [p for m in messages for p in m.images]
+        extra = sum(self._prompts.image_tokens_for(*p.image.size, p.budget) - 1 for p in parts)
+        if parts and sum(1 for t in ids if t == self._image_token_id) != len(parts):
+            raise InvalidRequestError(  # the template dropped or repeated an image
+                f"{len(parts)} images but a different number of image placeholders in the prompt", param="messages"
+            )
+        return ids, extra
+
+    def _prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        ids, extra = self._placeholders(request.messages, request.chat_template_kwargs)
+        parts = [p for m in request.messages for p in m.images]
+        prompt_tokens = len(ids) + extra
+        image_tokens = extra + len(parts)
+        if prompt_tokens >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens} tokens ({image_tokens} of them image tokens), but the context is "
+                f"{self.context_length}; send fewer or smaller images (lower max_pixels or detail: low) or less text",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = self.context_length - prompt_tokens
+        wanted = request.sampling.max_new_tokens or self.model.max_new_tokens
+        if wanted > room:
+            if request.max_tokens_explicit:
+                raise ContextLengthError(
+                    f"max_tokens={wanted} plus the {prompt_tokens}-token prompt exceeds the "
+                    f"{self.context_length}-token context; ask for at most {room}",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+            wanted = room
+        images, kwargs = self._images(parts)
+        tail = self._prompts.tokenizer.decode(ids[-4:])
+        return PreparedPrompt(
+            request=request,
+            token_ids=ids,
+            images=images,
+            processor_kwargs=kwargs,
+            prompt_tokens=prompt_tokens,
+            image_tokens=image_tokens,
+            max_new_tokens=wanted,
+            reasoning_open=tail.rstrip().endswith("<think>"),
+        )
+
+    def _images(self, parts: list[ImagePart]) -> tuple[list[Any], dict[str, Any]]:
+        """Decoded pictures for vLLM, and the request's pixel budget as its processor kwargs. One budget for all:
+        vLLM's processor resizes them exactly as the transformers engine's does. Mixed budgets (detail: low beside
+        high): each picture is resized to its own budget here, and the processor leaves aligned sizes alone."""
+        budgets = {p.budget for p in parts}
+        images = []
+        for part in parts:
+            picture = part.image.decode(part.budget.max_pixels)
+            try:
+                if len(budgets) > 1:
+                    w, h = part.image.size
+                    new_h, new_w = self._prompts.resized(w, h, part.budget)
+                    if (new_w, new_h) != picture.size:
+                        picture = picture.resize((new_w, new_h), resample=3)  # bicubic, as the processor
+            except (ValueError, OSError) as exc:
+                raise ImageInputError(f"image could not be resized: {exc}", param=part.image.param) from None
+            finally:
+                part.image.release()
+            images.append(picture)
+        if len(budgets) != 1:
+            return images, {}
+        (budget,) = budgets
+        return images, _budget_kwargs(budget)
+
+    # --- on the loop -------------------------------------------------------------------------------------------
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
+
+    async def _submit(self, prepared: PreparedPrompt, prompt: dict[str, Any], params: Any, stream: Any) -> None:
+        rid = prepared.request.request_id
+        try:
+            collector = await self._llm.add_request(rid, prompt, params)
+        except Exception as exc:
+            raise _refusal(exc) from None
+        self._live[rid] = stream
+        self._max_batch = max(self._max_batch, min(len(self._live), self.model.max_batch_size))
+        self._tasks[rid] = asyncio.get_running_loop().create_task(self._pump(rid, collector, prepared, stream))
+        if rid in self._early_aborts:
+            self._early_aborts.discard(rid)
+            await self._abort(rid)
+
+    async def _pump(self, rid: str, collector: Any, prepared: PreparedPrompt, stream: Any) -> None:
+        first = True
+        try:
+            while True:
+                out = collector.get_nowait() or await collector.get()
+                converted = from_vllm(out, first=first, prepared=prepared, image_token_id=self._image_token_id)
+                first = False
+                self._steps += 1
+                if converted.finish_reason is not None:
+                    self._end(rid, converted)
+                    return
+                stream.push(converted)
+        except asyncio.CancelledError:
+            return  # aborted: _abort answered the stream
+        except Exception as exc:
+            log.error("vLLM failed request %s: %s", rid, exc)
+            self._end(rid, EngineOutput(finish_reason="error", error=EngineFailedError(f"vLLM failed: {exc}")))
+
+    def _end(self, rid: str, last: EngineOutput) -> None:
+        stream = self._live.pop(rid, None)
+        self._tasks.pop(rid, None)
+        if stream is not None:
+            stream.push(last, last=True)
+
+    async def _abort(self, rid: str) -> None:
+        task = self._tasks.get(rid)
+        if task is None:
+            if len(self._early_aborts) > 1024:  # aborts of requests that had already ended: forget them
+                self._early_aborts.clear()
+            self._early_aborts.add(rid)
+            return
+        task.cancel()
+        self._cancelled += 1
+        self._end(rid, EngineOutput(finish_reason="abort"))
+        await self._llm.abort(rid)
+
+    def _warm_up(self) -> None:
+        from vlmbridge.media.decode import decode_image
+        from vlmbridge.tiny.images import demo_picture
+
+        parts: list[TextPart | ImagePart] = [TextPart("Hi")]
+        if self._info.kind == "vlm":
+            buf = io.BytesIO()
+            demo_picture(64, 64).save(buf, format="PNG")
+            parts.insert(0, ImagePart(decode_image(buf.getvalue()), PixelBudget(max_pixels=64 * 64 * 4)))
+        req = GenerationRequest(
+            messages=(ChatMessage("user", tuple(parts)),),
+            sampling=SamplingParams(max_new_tokens=2, temperature=0.0),
+            request_id="warm-up",
+        )
+        for out in self.generate(req):
+            if out.error is not None:
+                raise out.error
+
+
+_IMAGES_PER_PROMPT = 8
+
+
+def _budget_kwargs(budget: PixelBudget) -> dict[str, Any]:
+    """A pixel budget as vLLM's Qwen-VL processor kwargs (it maps them onto the HF processor's size edges)."""
+    kwargs: dict[str, Any] = {"max_pixels": budget.max_pixels}
+    if budget.min_pixels is not None:
+        kwargs["min_pixels"] = budget.min_pixels
+    return kwargs
+
+
+def _refusal(exc: Exception) -> Exception:
+    """vLLM's refusal of a request as our typed 4xx (its validation errors name the parameter)."""
+    message = str(exc)[:400]
+    param = getattr(exc, "parameter", None)
+    if param == "input_tokens" or "maximum context length" in message:
+        return ContextLengthError(message, param="messages", code="context_length_exceeded")
+    if type(exc).__name__ in ("VLLMValidationError", "VLLMClientError", "ValueError"):
+        return InvalidRequestError(f"vLLM refused the request: {message}", param=param)
+    return EngineFailedError(f"vLLM failed to accept the request ({type(exc).__name__})")
+
+
+def _prompt_builder(path: Path, is_vlm: bool, context_length: int) -> PromptBuilder:
+    from transformers import AutoProcessor, AutoTokenizer
+
+    processor = AutoProcessor.from_pretrained(str(path)) if is_vlm else None  # type: ignore[no-untyped-call]
+    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(str(path))
+    return PromptBuilder(processor, tokenizer, context_length, pixel_cache_bytes=0)
+
+
+def _generation_config(path: Path) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json: transformers' defaults
+        return GenerationConfig()  # type: ignore[no-untyped-call]
