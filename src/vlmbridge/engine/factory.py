@@ -2,12 +2,11 @@
 
 The backend is imported inside the function, so choosing one costs nothing until a model is loaded. `engine: vllm`
 runs in a worker process on the vLLM interpreter (`vllm_python`, else VLMBRIDGE_VLLM_PYTHON): the front never
-imports vLLM. Inside that worker (engine_worker "thread", vLLM importable) the factory builds the `VllmEngine`.
+imports vLLM. Inside that worker (engine_worker "thread") the factory builds the `VllmEngine`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -51,7 +50,7 @@ def vllm_python(model: ModelSettings) -> str:
 
 
 def _vllm_engine(model: ModelSettings, path: Path, name: str) -> Engine:
-    if model.engine_worker == "thread" and importlib.util.find_spec("vllm") is not None:
+    if model.engine_worker == "thread":  # in this interpreter (a worker's): it says so if vLLM is missing
         from vlmbridge.engine.vllm.engine import VllmEngine
 
         return VllmEngine(model, path, name)

