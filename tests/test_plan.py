@@ -172,3 +172,23 @@ def test_pickle_only_folder_cannot_be_planned(tiny_copy: TinyFactory) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(ModelFolderError, match="no safetensors weights"):
         make_plan(folder)
+
+
+def test_tensor_and_pipeline_parallel_plan_one_gpus_share(fake8b: Path) -> None:
+    """engine: vllm with TP×PP: weights and KV split over the GPUs, each row fits against one GPU."""
+    whole = rows(make_plan(fake8b, PlanInputs(gpu_memory=16 * GIB, context=8192)))["bf16"].estimate
+    split = rows(make_plan(fake8b, PlanInputs(gpu_memory=16 * GIB, context=8192, tensor_parallel=2)))["bf16"].estimate
+    assert whole.fits is False and split.fits is True
+    assert split.weights == -(-whole.weights // 2) and split.kv_cache == -(-whole.kv_cache // 2)
+    assert split.total == whole.total - whole.weights - whole.kv_cache + split.weights + split.kv_cache
+    assert "per GPU of 2" in split.note
+    four = rows(make_plan(fake8b, PlanInputs(context=8192, tensor_parallel=2, pipeline_parallel=2)))["bf16"].estimate
+    assert four.weights == -(-whole.weights // 4)
+
+
+def test_plan_cli_takes_the_parallel_layout(fake8b: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "plan", str(fake8b), "--gpu-memory", "16GiB", "--context", "8192",
+                       "--tensor-parallel-size", "2", "--json")  # fmt: skip
+    data = json.loads(out)
+    bf16 = next(r for r in data["options"] if r["option"] == "bf16")
+    assert code == 0 and bf16["fits"] is True and "per GPU of 2" in bf16["note"]

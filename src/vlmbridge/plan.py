@@ -74,6 +74,9 @@ class PlanInputs:
     batch: int = 1
     videos: int = 0
     video_seconds: float = 10.0
+    # engine: vllm — weights and KV cache split over tensor_parallel × pipeline_parallel GPUs; rows are per GPU.
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,20 @@ def _rows(ck: Checkpoint, workload: Workload, device_kind: str, rt: Runtime | No
     return rows
 
 
+def per_gpu(e: Estimate, tensor_parallel: int, pipeline_parallel: int) -> Estimate:
+    """One GPU's share under vLLM's tensor × pipeline parallelism: the language model's weights and KV cache split
+    over all of them (TP splits every layer's matrices and KV heads, PP the layers); the vision tower, activations
+    and the CUDA context are counted whole on each GPU (the tower is replicated; conservative for the rest)."""
+    gpus = tensor_parallel * pipeline_parallel
+    weights, kv = -(-e.weights // gpus), -(-e.kv_cache // gpus)
+    total = e.total - e.weights - e.kv_cache + weights + kv
+    note = f"per GPU of {gpus} (tensor {tensor_parallel} × pipeline {pipeline_parallel})"
+    return replace(
+        e, weights=weights, kv_cache=kv, kv_per_token=-(-e.kv_per_token // gpus), total=total,
+        note=f"{e.note}; {note}" if e.note else note,
+    )  # fmt: skip
+
+
 def _with_fits(rows: Sequence[PlanRow], free: int | None) -> tuple[PlanRow, ...]:
     return tuple(
         replace(r, estimate=replace(r.estimate, fits=None if free is None else r.estimate.total <= free)) for r in rows
@@ -299,7 +316,11 @@ def make_plan(path: str | Path | ModelFolder | Checkpoint, inputs: PlanInputs | 
     budget = device_budget(inputs.device, inputs.gpu_memory)
     kind = _device_kind(budget, inputs.device)
     rt = runtime(ck.pre, kind, budget.compute_capability) if ck.pre is not None else None
-    rows = _with_fits(_rows(ck, workload, kind, rt), budget.free)
+    estimated = _rows(ck, workload, kind, rt)
+    tp, pp = inputs.tensor_parallel, inputs.pipeline_parallel
+    if tp * pp > 1:
+        estimated = [replace(r, estimate=per_gpu(r.estimate, tp, pp)) for r in estimated]
+    rows = _with_fits(estimated, budget.free)
     plan = Plan(checkpoint=ck, workload=workload, budget=budget, device_kind=kind, runtime=rt, rows=rows)
     return replace(plan, recommendation=_recommend(plan))
 

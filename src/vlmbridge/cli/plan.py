@@ -22,7 +22,7 @@ from vlmbridge.cli.options import SettingFlags, setting_flags, settings_from
 __all__ = ["plan"]
 
 
-@setting_flags("device")
+@setting_flags("device", "tensor_parallel_size", "pipeline_parallel_size")
 def plan(
     model_dir: Annotated[
         str, typer.Argument(help="The model folder (the one holding config.json).", show_default=False)
@@ -43,7 +43,8 @@ def plan(
     each fits the device (or --gpu-memory), and the best quality that fits, with the reason.
 
     Reads only config files and safetensors headers. Exit code 0: something fits; 1: nothing fits (or the
-    memory is unknown); 2: usage.
+    memory is unknown); 2: usage. With --tensor-parallel-size/--pipeline-parallel-size (engine: vllm) each row is
+    one GPU's share and fits against one GPU.
     """
     from vlmbridge.plan import PlanInputs, make_plan
     from vlmbridge.plan_render import render_json, render_rich
@@ -52,7 +53,8 @@ def plan(
     settings = settings_from(**flags)
     inputs = PlanInputs(
         device=settings.device, gpu_memory=budget, context=context, images=images, max_pixels=max_pixels, batch=batch,
-        videos=videos, video_seconds=video_seconds,
+        videos=videos, video_seconds=video_seconds, tensor_parallel=settings.tensor_parallel_size,
+        pipeline_parallel=settings.pipeline_parallel_size,
     )  # fmt: skip
     result = make_plan(model_dir, inputs)
     if json_output:
