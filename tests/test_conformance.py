@@ -53,7 +53,8 @@ def engine_server(request: pytest.FixtureRequest, tiny_model: TinyFactory) -> It
 
 def ask(server: Server, url: str, **kwargs: object) -> openai.types.chat.ChatCompletion:
     body: dict[str, object] = {"max_tokens": 6, "temperature": 0, **kwargs}
-    return server.openai().chat.completions.create(model=MODEL, messages=image_message(url), **body)  # type: ignore[call-overload, no-any-return]
+    with server.openai() as client:
+        return client.chat.completions.create(model=MODEL, messages=image_message(url), **body)  # type: ignore[call-overload, no-any-return]
 
 
 def test_different_pictures_reach_the_model(engine_server: Server) -> None:
@@ -85,12 +86,13 @@ def test_usage_reports_image_tokens_as_tokenize_counts_them(engine_server: Serve
 def test_streaming_gives_the_same_text_and_usage_on_the_last_chunk(engine_server: Server) -> None:
     url = data_url(seed=4)
     whole = ask(engine_server, url)
-    chunks = list(
-        engine_server.openai().chat.completions.create(
-            model=MODEL, messages=image_message(url), max_tokens=6, temperature=0, stream=True,  # type: ignore[arg-type]
-            stream_options={"include_usage": True},
-        )
-    )  # fmt: skip
+    with engine_server.openai() as client:
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=image_message(url), max_tokens=6, temperature=0, stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]

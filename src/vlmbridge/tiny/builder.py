@@ -184,6 +184,8 @@ def _config(spec: TinySpec, ids: dict[str, int], vocab_size: int) -> Any:
             moe_intermediate_size=d.moe_inter,
             decoder_sparse_step=1,
         )
+        if spec.size == "tiny-vllm":  # vLLM's Qwen3-VL-MoE reads it (the official config carries it); transformers not
+            text["norm_topk_prob"] = True
         cls = transformers.Qwen3VLMoeConfig
     else:
         cls = transformers.Qwen3VLConfig
@@ -323,6 +325,8 @@ def build_tiny_model(
                 shutil.move(str(f), out / f.name)
         else:
             _write_official(out, staging, family, tiny_tok, processor if fam.is_vlm else None)
+    if family == "qwen3_vl_moe" and size == "tiny-vllm":
+        _public_expert_layout(out)
     written = len(list(out.glob("*.safetensors")))
     if written != shards:
         raise RuntimeError(f"expected {shards} weight file(s), transformers wrote {written}")
@@ -427,3 +431,21 @@ def _rename_tensors(folder: Path, rename: Any) -> None:
         data = json.loads(index.read_text(encoding="utf-8"))
         data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
         _write_json(index, data)
+
+
+def _public_expert_layout(folder: Path) -> None:
+    """Fused MoE expert tensors as the public Qwen3-VL-MoE repos store them ([experts, in, out]), which vLLM loads;
+    transformers 5 saves its own transposed layout and loads either (its converter transposes only on a mismatch)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as fh:
+            metadata = fh.metadata() or {"format": "pt"}
+            tensors = {
+                k: fh.get_tensor(k).transpose(1, 2).contiguous()
+                if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+                else fh.get_tensor(k)
+                for k in fh.keys()  # noqa: SIM118
+            }
+        save_file(tensors, str(shard), metadata=metadata)

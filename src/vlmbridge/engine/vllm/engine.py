@@ -43,6 +43,7 @@ from vlmbridge.errors import (
     EngineNotReadyError,
     ImageInputError,
     InvalidRequestError,
+    ModelLoadError,
     QueueFullError,
 )
 from vlmbridge.families import family_for
@@ -101,7 +102,15 @@ class VllmEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vlmbridge-vllm-loop", daemon=True)
         self._thread.start()
-        self._llm: Any = self._call(self._build(path, dtype, is_vlm, on_cpu), timeout=None)
+        try:
+            self._llm: Any = self._call(self._build(path, dtype, is_vlm, on_cpu), timeout=None)
+        except Exception as exc:  # vLLM's own start-up failure: the front gets its last words, the log the rest
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise ModelLoadError(
+                f"vLLM failed to start: {type(exc).__name__}: {str(exc)[:300]}",
+                fix="the worker's log above has vLLM's traceback (look for 'ERROR' lines from EngineCore/Worker)",
+                cause="vllm_start",
+            ) from exc
 
     async def _build(self, path: Path, dtype: str, is_vlm: bool, on_cpu: bool) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
