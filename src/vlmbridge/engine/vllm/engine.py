@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +46,7 @@ from vlmbridge.errors import (
     InvalidRequestError,
     ModelLoadError,
     QueueFullError,
+    RequestTimeoutError,
 )
 from vlmbridge.families import family_for
 from vlmbridge.folder import ModelFolder
@@ -56,7 +58,8 @@ __all__ = ["VllmEngine"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_ACCEPT_S = 300.0  # vLLM's input processing of one request (HF processor on its images)
+_ACCEPT_S = 300.0
+_LATE = "the request ran past its timeout"  # vLLM's input processing of one request (HF processor on its images)
 
 
 class VllmEngine:
@@ -304,9 +307,18 @@ class VllmEngine:
 
     async def _pump(self, rid: str, collector: Any, prepared: PreparedPrompt, stream: Any) -> None:
         first = True
+        deadline = prepared.request.deadline
         try:
             while True:
-                out = collector.get_nowait() or await collector.get()
+                out = collector.get_nowait()
+                if out is None:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    try:
+                        out = await asyncio.wait_for(collector.get(), left)
+                    except TimeoutError:  # past the request's deadline: stop it in vLLM too
+                        self._end(rid, EngineOutput(finish_reason="error", error=RequestTimeoutError(_LATE)))
+                        await self._llm.abort(rid)
+                        return
                 converted = from_vllm(out, first=first, prepared=prepared, image_token_id=self._image_token_id)
                 first = False
                 self._steps += 1
