@@ -267,7 +267,6 @@ class ProcessEngine:
             if call is not None and not call.done():
                 call.set_result(message[2])
         elif kind == "ready":
-            self._last_beat = time.monotonic()  # beats start now: loading may have taken longer than beat_timeout
             self._info = message[1]
             self._last_beat = time.monotonic()  # beats start now: a long load is not silence
             self._state, self._reason = "ready", "ready"  # earlier crashes still count within their window

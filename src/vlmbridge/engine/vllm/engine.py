@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -100,6 +100,10 @@ class VllmEngine:
         self._steps = 0
         self._cancelled = 0
         self._max_batch = 0
+        # Called on the loop's thread once the outputs of one vLLM step are pushed: a worker process sends them to
+        # the front as one message (the transformers engine's hook too).
+        self.step_done: Callable[[], None] | None = None
+        self._step_pending = False
         if on_cpu:  # vLLM's default takes a share of all RAM for the KV cache
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{model.vllm_cpu_kv_cache_gib:g}")
         self._loop = asyncio.new_event_loop()
@@ -326,6 +330,7 @@ class VllmEngine:
                     self._end(rid, converted)
                     return
                 stream.push(converted)
+                self._step_pushed()
         except asyncio.CancelledError:
             return  # aborted: _abort answered the stream
         except Exception as exc:
@@ -337,6 +342,22 @@ class VllmEngine:
         self._tasks.pop(rid, None)
         if stream is not None:
             stream.push(last, last=True)
+            self._step_pushed()
+
+    def _step_pushed(self) -> None:
+        """vLLM's output handler wakes every request's pump of a step in one loop iteration; a callback queued
+        behind them runs once they all pushed: the end of the step."""
+        if self.step_done is not None and not self._step_pending:
+            self._step_pending = True
+            self._loop.call_soon(self._end_step)
+
+    def _end_step(self) -> None:
+        self._step_pending = False
+        if self.step_done is not None:
+            try:
+                self.step_done()
+            except Exception:  # the listener's own problem (a front that went away): the engine goes on
+                log.debug("step listener failed", exc_info=True)
 
     async def _abort(self, rid: str) -> None:
         task = self._tasks.get(rid)
