@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
-from vlmbridge.engine.transformers.prompt import PromptBuilder
 from vlmbridge.engine.types import (
     ChatMessage,
     EngineOutput,
@@ -36,13 +35,13 @@ from vlmbridge.engine.types import (
     SamplingParams,
     TextPart,
 )
+from vlmbridge.engine.vllm.inputs import VllmInputs, budget_kwargs, generation_config
 from vlmbridge.engine.vllm.mapping import PreparedPrompt, from_vllm, to_vllm
 from vlmbridge.engine.vllm.preflight import check_devices, check_vllm
 from vlmbridge.errors import (
     ContextLengthError,
     EngineFailedError,
     EngineNotReadyError,
-    ImageInputError,
     InvalidRequestError,
     ModelLoadError,
     QueueFullError,
@@ -58,8 +57,8 @@ __all__ = ["VllmEngine"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_ACCEPT_S = 300.0
-_LATE = "the request ran past its timeout"  # vLLM's input processing of one request (HF processor on its images)
+_ACCEPT_S = 300.0  # vLLM's input processing of one request (HF processor on its images)
+_LATE = "the request ran past its timeout"
 
 
 class VllmEngine:
@@ -74,9 +73,11 @@ class VllmEngine:
         is_vlm = bool(fam and fam.is_vlm)
         max_pos = int(folder.text_config.get("max_position_embeddings") or 32768)
         self.context_length = min(model.context_length or min(max_pos, 32768), max_pos)
-        self._prompts = _prompt_builder(path, is_vlm, self.context_length)
-        self._generation_config = _generation_config(path)
-        self._image_token_id = self._prompts.image_token_id if is_vlm else None
+        self._inputs = VllmInputs(
+            path, vlm=is_vlm, context_length=self.context_length, default_max_new_tokens=model.max_new_tokens
+        )
+        self._generation_config = generation_config(path)
+        self._image_token_id = self._inputs.image_token_id
         on_cpu = model.device == "cpu" or not torch.cuda.is_available()
         dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[model.dtype]
         self._info = EngineInfo(
@@ -142,7 +143,7 @@ class VllmEngine:
             # Start-up reservation from our admission limits: the most images one request may carry (8 by default;
             # the server refuses more), each at most max_pixels — vLLM never reserves for images we would refuse.
             args["limit_mm_per_prompt"] = {"image": _IMAGES_PER_PROMPT, "video": 0}
-            args["mm_processor_kwargs"] = _budget_kwargs(PixelBudget(m.max_pixels, m.min_pixels))
+            args["mm_processor_kwargs"] = budget_kwargs(PixelBudget(m.max_pixels, m.min_pixels))
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
     # --- contract ------------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ class VllmEngine:
             raise QueueFullError(f"{self._capacity} requests are already in the engine; retry later")
         if not request.request_id:
             request = replace(request, request_id=f"req-{next(self._ids)}")
-        prepared = self._prepare(request)
+        prepared = self._inputs.prepare(request)
         stream = stream if stream is not None else RequestStream(request.request_id)
         prompt, params = to_vllm(prepared, self._generation_config)
         self._call(self._submit(prepared, prompt, params, stream), timeout=_ACCEPT_S)
@@ -192,9 +193,7 @@ class VllmEngine:
             asyncio.run_coroutine_threadsafe(self._abort(request_id), self._loop)
 
     def count_prompt(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
-        ids, extra = self._placeholders(messages, None)
-        images = sum(len(m.images) for m in messages)
-        return PromptStats(prompt_tokens=len(ids) + extra, image_tokens=extra + images)
+        return self._inputs.count(messages)
 
     def queue_depth(self) -> int:
         return max(0, len(self._live) - self.model.max_batch_size)
@@ -219,78 +218,6 @@ class VllmEngine:
         del llm  # now, while the interpreter is whole (AsyncLLM.__del__ shuts down again)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
-
-    # --- preparing -----------------------------------------------------------------------------------------------
-    def _placeholders(self, messages: tuple[ChatMessage, ...], template_kwargs: Any) -> tuple[list[int], int]:
-        """(prompt ids with one placeholder per image, the tokens the placeholders expand by)."""
-        ids = self._prompts.placeholder_ids(messages, template_kwargs)
-        parts = [p for m in messages for p in m.images]
-        extra = sum(self._prompts.image_tokens_for(*p.image.size, p.budget) - 1 for p in parts)
-        if parts and sum(1 for t in ids if t == self._image_token_id) != len(parts):
-            raise InvalidRequestError(  # the template dropped or repeated an image
-                f"{len(parts)} images but a different number of image placeholders in the prompt", param="messages"
-            )
-        return ids, extra
-
-    def _prepare(self, request: GenerationRequest) -> PreparedPrompt:
-        ids, extra = self._placeholders(request.messages, request.chat_template_kwargs)
-        parts = [p for m in request.messages for p in m.images]
-        prompt_tokens = len(ids) + extra
-        image_tokens = extra + len(parts)
-        if prompt_tokens >= self.context_length:
-            raise ContextLengthError(
-                f"the prompt is {prompt_tokens} tokens ({image_tokens} of them image tokens), but the context is "
-                f"{self.context_length}; send fewer or smaller images (lower max_pixels or detail: low) or less text",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        room = self.context_length - prompt_tokens
-        wanted = request.sampling.max_new_tokens or self.model.max_new_tokens
-        if wanted > room:
-            if request.max_tokens_explicit:
-                raise ContextLengthError(
-                    f"max_tokens={wanted} plus the {prompt_tokens}-token prompt exceeds the "
-                    f"{self.context_length}-token context; ask for at most {room}",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
-            wanted = room
-        images, kwargs = self._images(parts)
-        tail = self._prompts.tokenizer.decode(ids[-4:])
-        return PreparedPrompt(
-            request=request,
-            token_ids=ids,
-            images=images,
-            processor_kwargs=kwargs,
-            prompt_tokens=prompt_tokens,
-            image_tokens=image_tokens,
-            max_new_tokens=wanted,
-            reasoning_open=tail.rstrip().endswith("<think>"),
-        )
-
-    def _images(self, parts: list[ImagePart]) -> tuple[list[Any], dict[str, Any]]:
-        """Decoded pictures for vLLM, and the request's pixel budget as its processor kwargs. One budget for all:
-        vLLM's processor resizes them exactly as the transformers engine's does. Mixed budgets (detail: low beside
-        high): each picture is resized to its own budget here, and the processor leaves aligned sizes alone."""
-        budgets = {p.budget for p in parts}
-        images = []
-        for part in parts:
-            picture = part.image.decode(part.budget.max_pixels)
-            try:
-                if len(budgets) > 1:
-                    w, h = part.image.size
-                    new_h, new_w = self._prompts.resized(w, h, part.budget)
-                    if (new_w, new_h) != picture.size:
-                        picture = picture.resize((new_w, new_h), resample=3)  # bicubic, as the processor
-            except (ValueError, OSError) as exc:
-                raise ImageInputError(f"image could not be resized: {exc}", param=part.image.param) from None
-            finally:
-                part.image.release()
-            images.append(picture)
-        if len(budgets) != 1:
-            return images, {}
-        (budget,) = budgets
-        return images, _budget_kwargs(budget)
 
     # --- on the loop -------------------------------------------------------------------------------------------
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
@@ -393,14 +320,6 @@ class VllmEngine:
 _IMAGES_PER_PROMPT = 8
 
 
-def _budget_kwargs(budget: PixelBudget) -> dict[str, Any]:
-    """A pixel budget as vLLM's Qwen-VL processor kwargs (it maps them onto the HF processor's size edges)."""
-    kwargs: dict[str, Any] = {"max_pixels": budget.max_pixels}
-    if budget.min_pixels is not None:
-        kwargs["min_pixels"] = budget.min_pixels
-    return kwargs
-
-
 def _refusal(exc: Exception) -> Exception:
     """vLLM's refusal of a request as our typed 4xx (its validation errors name the parameter)."""
     message = str(exc)[:400]
@@ -410,20 +329,3 @@ def _refusal(exc: Exception) -> Exception:
     if type(exc).__name__ in ("VLLMValidationError", "VLLMClientError", "ValueError"):
         return InvalidRequestError(f"vLLM refused the request: {message}", param=param)
     return EngineFailedError(f"vLLM failed to accept the request ({type(exc).__name__})")
-
-
-def _prompt_builder(path: Path, is_vlm: bool, context_length: int) -> PromptBuilder:
-    from transformers import AutoProcessor, AutoTokenizer
-
-    processor = AutoProcessor.from_pretrained(str(path)) if is_vlm else None  # type: ignore[no-untyped-call]
-    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(str(path))
-    return PromptBuilder(processor, tokenizer, context_length, pixel_cache_bytes=0)
-
-
-def _generation_config(path: Path) -> Any:
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(str(path))
-    except OSError:  # no generation_config.json: transformers' defaults
-        return GenerationConfig()  # type: ignore[no-untyped-call]
