@@ -29,7 +29,7 @@ VLLM_PYTHON_ENV = "VLMBRIDGE_VLLM_PYTHON"
 
 def engine_settings(engine: str) -> dict[str, object]:
     """Settings that run `engine` on a CPU the same way for every test module."""
-    common: dict[str, object] = {"dtype": "fp32", "context_length": 2048, "max_new_tokens": 64}
+    common: dict[str, object] = {"dtype": "fp32", "context_length": 8192, "max_new_tokens": 64}
     if engine == "transformers":
         return common
     python = os.environ.get(VLLM_PYTHON_ENV)
@@ -136,10 +136,10 @@ def test_bad_input_gets_the_openai_error_envelope(engine_server: Server) -> None
     broken = "data:image/png;base64,aGVsbG8gd29ybGQ="  # "hello world": not a picture
     r = engine_server.post({"model": MODEL, "messages": image_message(broken), "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    long = [{"role": "user", "content": "word " * 3000}]
+    long = [{"role": "user", "content": "word " * 13000}]
     r = engine_server.post({"model": MODEL, "messages": long, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    r = engine_server.post({"model": MODEL, "messages": image_message(data_url()), "max_tokens": 4000})
+    r = engine_server.post({"model": MODEL, "messages": image_message(data_url()), "max_tokens": 9000})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = engine_server.post({"model": "nope", "messages": image_message(data_url()), "max_tokens": 2})
     assert r.status_code == 404
@@ -148,8 +148,9 @@ def test_bad_input_gets_the_openai_error_envelope(engine_server: Server) -> None
 
 def test_a_client_that_goes_away_mid_stream_frees_the_engine(engine_server: Server) -> None:
     cancelled = engine_server.metric("vlmbridge_cancelled_requests")
+    # Nearly the whole context: a fast engine must not be able to finish before a loaded front notices the hang-up.
     body = {
-        "model": MODEL, "messages": image_message(data_url(seed=9)), "max_tokens": 1500, "temperature": 0,
+        "model": MODEL, "messages": image_message(data_url(seed=9)), "max_tokens": 8000, "temperature": 0,
         "ignore_eos": True, "stream": True,
     }  # fmt: skip
     with httpx.stream("POST", f"{engine_server.v1}/chat/completions", json=body, timeout=60) as r:
