@@ -163,3 +163,16 @@ def test_a_client_that_goes_away_mid_stream_frees_the_engine(engine_server: Serv
         time.sleep(0.2)
     assert engine_server.metric("vlmbridge_cancelled_requests") > cancelled
     assert ask(engine_server, data_url(seed=10)).choices[0].finish_reason == "length"
+
+
+def test_a_clip_is_answered_or_refused_cleanly(engine_server: Server) -> None:
+    """The transformers engine takes video; the vLLM engine does not yet and says so (400 not_supported), never a
+    500 or placeholders without frames."""
+    from tests.video_clips import clip_bytes, video_message, video_uri
+
+    body = {"model": MODEL, "messages": video_message(video_uri(clip_bytes(seed=1))), "max_tokens": 2}
+    r = engine_server.post(body)
+    if engine_server.settings.engine == "vllm":
+        assert r.status_code == 400 and r.json()["error"]["code"] == "not_supported", r.text
+    else:
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

@@ -12,7 +12,7 @@ from vlmbridge.engine.base import PromptStats
 from vlmbridge.engine.transformers.prompt import PromptBuilder
 from vlmbridge.engine.types import ChatMessage, GenerationRequest, ImagePart, PixelBudget
 from vlmbridge.engine.vllm.mapping import PreparedPrompt
-from vlmbridge.errors import ContextLengthError, ImageInputError, InvalidRequestError
+from vlmbridge.errors import ContextLengthError, ImageInputError, InvalidRequestError, NotSupportedError
 
 __all__ = ["VllmInputs", "budget_kwargs", "generation_config"]
 
@@ -33,6 +33,11 @@ class VllmInputs:
 
     def _placeholders(self, messages: tuple[ChatMessage, ...], template_kwargs: Any) -> tuple[list[int], int]:
         """(prompt ids with one placeholder per image, the tokens the placeholders expand by)."""
+        if any(m.videos for m in messages):  # before any work: vLLM would get placeholders without their frames
+            raise NotSupportedError(
+                "video input is not supported with engine: vllm yet (the transformers engine takes it)",
+                param="messages",
+            )
         ids = self.prompts.placeholder_ids(messages, template_kwargs)
         parts = [p for m in messages for p in m.images]
         extra = sum(self.prompts.image_tokens_for(*p.image.size, p.budget) - 1 for p in parts)
