@@ -31,14 +31,16 @@ class VllmInputs:
         images = sum(len(m.images) for m in messages)
         return PromptStats(prompt_tokens=len(ids) + extra, image_tokens=extra + images)
 
-    def _placeholders(self, messages: tuple[ChatMessage, ...], template_kwargs: Any) -> tuple[list[int], int]:
+    def _placeholders(
+        self, messages: tuple[ChatMessage, ...], template_kwargs: Any, tools: tuple[Any, ...] = ()
+    ) -> tuple[list[int], int]:
         """(prompt ids with one placeholder per image, the tokens the placeholders expand by)."""
         if any(m.videos for m in messages):  # before any work: vLLM would get placeholders without their frames
             raise NotSupportedError(
                 "video input is not supported with engine: vllm yet (the transformers engine takes it)",
                 param="messages",
             )
-        ids = self.prompts.placeholder_ids(messages, template_kwargs)
+        ids = self.prompts.placeholder_ids(messages, template_kwargs, tools=tools)
         parts = [p for m in messages for p in m.images]
         extra = sum(self.prompts.image_tokens_for(*p.image.size, p.budget) - 1 for p in parts)
         if parts and sum(1 for t in ids if t == self.image_token_id) != len(parts):
@@ -48,7 +50,7 @@ class VllmInputs:
         return ids, extra
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
-        ids, extra = self._placeholders(request.messages, request.chat_template_kwargs)
+        ids, extra = self._placeholders(request.messages, request.chat_template_kwargs, request.tools)
         parts = [p for m in request.messages for p in m.images]
         prompt_tokens = len(ids) + extra
         image_tokens = extra + len(parts)

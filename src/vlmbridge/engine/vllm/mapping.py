@@ -13,6 +13,7 @@ from typing import Any
 
 from vlmbridge.engine.transformers.sampling import resolve_sampling
 from vlmbridge.engine.types import EngineFinish, EngineOutput, GenerationRequest, PromptInfo, TokenChoice
+from vlmbridge.errors import NotSupportedError
 
 __all__ = ["PreparedPrompt", "from_vllm", "to_vllm"]
 
@@ -55,6 +56,7 @@ def to_vllm(prepared: PreparedPrompt, generation_config: Any) -> tuple[dict[str,
         detokenize=False,
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
+        structured_outputs=_structured(prepared.request),
     )
     prompt: dict[str, Any] = {"prompt_token_ids": prepared.token_ids}
     if prepared.images:
@@ -62,6 +64,23 @@ def to_vllm(prepared: PreparedPrompt, generation_config: Any) -> tuple[dict[str,
         if prepared.processor_kwargs:
             prompt["mm_processor_kwargs"] = dict(prepared.processor_kwargs)
     return prompt, params
+
+
+def _structured(request: GenerationRequest) -> Any:
+    """Our backend-neutral spec as vLLM's own structured outputs (its grammar backend compiles it)."""
+    spec = request.structured
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if spec.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if spec.kind == "json_schema":
+        return StructuredOutputsParams(json=spec.schema)
+    raise NotSupportedError(  # tool_calls: a grammar around <tool_call> blocks, not mapped to vLLM yet
+        "tool_choice required or a named tool is not supported with engine: vllm yet (tool_choice auto is)",
+        param="tool_choice",
+    )
 
 
 _FINISH: dict[str, EngineFinish] = {"stop": "stop", "length": "length", "abort": "abort"}
