@@ -238,6 +238,9 @@ class ProcessEngine:
                 message = conn.recv()
             except (EOFError, OSError):
                 break
+            # Any message is a sign of life: a worker whose beats queue behind a burst of outputs that this
+            # thread drains slowly (a busy front) is not stuck.
+            self._last_beat = time.monotonic()
             self._dispatch(message)
         if generation == self._generation and not self._stopping.is_set():
             self._on_death(self._death_cause())
@@ -251,7 +254,6 @@ class ProcessEngine:
             self._deliver(*message[1:])
         elif kind == "beat":
             _, state, reason, stats = message
-            self._last_beat = time.monotonic()
             self._stats = stats
             if self._state == "ready" and state == "failed":
                 self._kill(f"the engine reported: {reason}")
