@@ -23,20 +23,17 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from vlmbridge.bench.servers import vlmbridge_process
 
 MODEL = "tiny"
 CONTEXT = 2048  # the server's --context: bounds the long requests that hold the queue full
@@ -105,44 +102,6 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def server_process(
-    folder: Path, log: Path, threads: int, *options: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "vlmbridge", "serve", str(folder), "--port", str(port),
-           "--served-model-name", MODEL, *options]  # fmt: skip
-    env = {**os.environ, "VLMBRIDGE_TORCH_THREADS": str(threads)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vlmbridge serve did not become healthy:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 async def closed_loop(
@@ -303,7 +262,9 @@ def main() -> None:
         folder = build_tiny_model(Path(tmp) / "model", "qwen3_vl", size=args.size)
         options = ["--max-queue", str(args.max_queue), "--max-batch-size", str(args.max_batch_size), "--context",
                    str(CONTEXT)]  # fmt: skip
-        with server_process(folder, Path(tmp) / "server.log", args.server_threads, *options) as (base, proc):
+        env = {**os.environ, "VLMBRIDGE_TORCH_THREADS": str(args.server_threads)}
+        serving = vlmbridge_process(str(folder), "--served-model-name", MODEL, *options, env=env, timeout=300)
+        with serving as (base, proc):
             asyncio.run(run(base, proc.pid, args))
 
 

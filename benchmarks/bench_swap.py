@@ -20,9 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from vlmbridge.bench.servers import vlmbridge_process
 
 ADMIN = "bench-admin"
 
@@ -41,42 +40,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
-def serve(models_file: Path, log: Path, *extra: str) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vlmbridge", "serve", "--models", str(models_file), "--port", str(port),
-             "--admin-key", ADMIN, *extra],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"the server exited: see {log}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not become ready")
-                time.sleep(0.2)
-            yield base, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def serve(models_file: Path, *extra: str) -> Iterator[tuple[str, int]]:
+    with vlmbridge_process("--models", str(models_file), "--admin-key", ADMIN, *extra) as (base, proc):
+        yield base, proc.pid
 
 
 async def client(base: str, tokens: int, stop: asyncio.Event, log: list[tuple[float, float, bool]]) -> None:
@@ -174,12 +141,12 @@ def main() -> None:
         new = build_tiny_model(root / "new", args.family, seed=1)
         file = root / "models.yaml"
         file.write_text(f"models:\n  - name: m\n    path: {old}\n    load: startup\n    max_batch_size: 16\n")
-        with serve(file, root / "two.log") as (base, pid):
+        with serve(file) as (base, pid):
             two = asyncio.run(run_swap(base, pid, new, args.clients, args.tokens, args.baseline, args.after))
         report("two copies", two)
         # A budget for one copy and a half: the new copy's reservation does not fit beside the old one.
         budget = int(two["one_copy_mib"] * 1.5 * 2**20)
-        with serve(file, root / "drain.log", "--memory-budget", str(budget)) as (base, pid):
+        with serve(file, "--memory-budget", str(budget)) as (base, pid):
             drained = asyncio.run(run_swap(base, pid, new, args.clients, args.tokens, args.baseline, args.after))
         report("drain first", drained)
         print(

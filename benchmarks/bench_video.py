@@ -15,15 +15,13 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from vlmbridge.bench.servers import vlmbridge_serve
 
 
 def make_clip(seconds: float, fps: int = 30, size: tuple[int, int] = (640, 360)) -> bytes:
@@ -45,41 +43,6 @@ def make_clip(seconds: float, fps: int = 30, size: tuple[int, int] = (640, 360))
     return buf.getvalue()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def server_process(folder: Path, dtype: str) -> Iterator[str]:
-    import httpx
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "vlmbridge", "serve", str(folder), "--port", str(port), "--dtype", dtype,
-           "--served-model-name", "small", "--prefix-cache-mb", "0", "--encoder-cache-mb", "0",
-           "--pixel-cache-mb", "0"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError("vlmbridge serve exited early")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
 def through_server(folder: Path, clip: bytes, requests: int, fps: float, dtype: str) -> tuple[list[float], int]:
     """(time to first token per request, video tokens) for streamed one-token answers."""
     import httpx
@@ -96,7 +59,10 @@ def through_server(folder: Path, clip: bytes, requests: int, fps: float, dtype: 
         "logprobs": True,  # a token's logprob entry marks it: the first chunk may carry only the role
     }
     ttfts, video_tokens = [], 0
-    with server_process(folder, dtype) as base, httpx.Client(base_url=base, timeout=300) as client:
+    serving = vlmbridge_serve(
+        folder, "small", "--dtype", dtype, "--prefix-cache-mb", "0", "--encoder-cache-mb", "0", "--pixel-cache-mb", "0"
+    )
+    with serving as base, httpx.Client(base_url=base, timeout=300) as client:
         for i in range(requests + 1):
             start = time.perf_counter()
             first = None

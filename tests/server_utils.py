@@ -24,10 +24,8 @@ MODEL = "tiny"
 
 
 @dataclass
-class Server:
+class _Served:
     base_url: str
-    slot: EngineSlot
-    settings: Settings
 
     @property
     def v1(self) -> str:
@@ -35,6 +33,12 @@ class Server:
 
     def openai(self, api_key: str = "none") -> OpenAI:
         return OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
+
+
+@dataclass
+class Server(_Served):
+    slot: EngineSlot
+    settings: Settings
 
     def async_openai(self, api_key: str = "none") -> AsyncOpenAI:
         return AsyncOpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
@@ -65,17 +69,9 @@ def running(folder: Path, slot: EngineSlot | None = None, **settings: Any) -> It
 
 
 @dataclass
-class PoolServer:
-    base_url: str
+class PoolServer(_Served):
     pool: ModelPool
     settings: Settings
-
-    @property
-    def v1(self) -> str:
-        return f"{self.base_url}/v1"
-
-    def openai(self, api_key: str = "none") -> OpenAI:
-        return OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
 
     def admin(self, method: str, path: str, key: str | None = None, **kwargs: Any) -> httpx.Response:
         secret = self.settings.admin_key

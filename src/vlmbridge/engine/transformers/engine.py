@@ -42,10 +42,7 @@ from vlmbridge.engine.types import (
     EngineOutput,
     EngineStats,
     GenerationRequest,
-    ImagePart,
-    PixelBudget,
-    SamplingParams,
-    TextPart,
+    warm_up_request,
 )
 from vlmbridge.errors import (
     ContextLengthError,
@@ -280,21 +277,7 @@ class TransformersEngine:
         self._state, self._reason = "ready", "ready"
 
     def _warm_up(self) -> None:
-        import io
-
-        from vlmbridge.media.decode import decode_image
-        from vlmbridge.tiny.images import demo_picture
-
-        parts: list[TextPart | ImagePart] = [TextPart("Hi")]
-        if self.prompts.is_vlm:
-            buf = io.BytesIO()
-            demo_picture(64, 64).save(buf, format="PNG")
-            parts.insert(0, ImagePart(decode_image(buf.getvalue()), PixelBudget(max_pixels=64 * 64 * 4)))
-        req = GenerationRequest(
-            messages=(ChatMessage("user", tuple(parts)),),
-            sampling=SamplingParams(max_new_tokens=2, temperature=0.0),
-            request_id="warm-up",
-        )
+        req = warm_up_request(self.prompts.is_vlm)
         for out in self.submit(self.prepare(req), warm_up=True):  # the last output comes after its KV is filed
             if out.error is not None:
                 raise out.error

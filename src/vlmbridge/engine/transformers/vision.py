@@ -26,28 +26,25 @@ class ImageSlice:
 
 def image_slices(inputs: ModelInputs) -> list[ImageSlice]:
     """Split a prompt's pixel_values per image (one row per patch: t·h·w rows each)."""
-    grids = inputs.tensors.get("image_grid_thw")
-    if grids is None:
-        return []
-    pixels = inputs.tensors["pixel_values"]
-    out, row = [], 0
-    for i, key in enumerate(inputs.image_keys):
-        n = int(grids[i].prod())
-        out.append(ImageSlice(key, pixels[row : row + n], grids[i : i + 1], inputs.image_spans[i]))
-        row += n
-    return out
+    return _slices(inputs, "image", inputs.image_keys, inputs.image_spans)
 
 
 def video_slices(inputs: ModelInputs) -> list[ImageSlice]:
     """Split a prompt's pixel_values_videos per clip (t·h·w rows each), as `image_slices` does for images."""
-    grids = inputs.tensors.get("video_grid_thw")
+    return _slices(inputs, "video", inputs.video_keys, inputs.video_spans)
+
+
+def _slices(
+    inputs: ModelInputs, kind: str, keys: tuple[str, ...], spans: tuple[tuple[int, int], ...]
+) -> list[ImageSlice]:
+    grids = inputs.tensors.get(f"{kind}_grid_thw")
     if grids is None:
         return []
-    pixels = inputs.tensors["pixel_values_videos"]
+    pixels = inputs.tensors["pixel_values" if kind == "image" else "pixel_values_videos"]
     out, row = [], 0
-    for i, key in enumerate(inputs.video_keys):
+    for i, key in enumerate(keys):
         n = int(grids[i].prod())
-        out.append(ImageSlice(key, pixels[row : row + n], grids[i : i + 1], inputs.video_spans[i]))
+        out.append(ImageSlice(key, pixels[row : row + n], grids[i : i + 1], spans[i]))
         row += n
     return out
 

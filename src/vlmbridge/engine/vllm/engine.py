@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import itertools
 import logging
 import os
@@ -30,10 +29,8 @@ from vlmbridge.engine.types import (
     EngineOutput,
     EngineStats,
     GenerationRequest,
-    ImagePart,
     PixelBudget,
-    SamplingParams,
-    TextPart,
+    warm_up_request,
 )
 from vlmbridge.engine.vllm.inputs import VllmInputs, budget_kwargs, generation_config
 from vlmbridge.engine.vllm.mapping import PreparedPrompt, from_vllm, to_vllm
@@ -299,19 +296,7 @@ class VllmEngine:
         await self._llm.abort(rid)
 
     def _warm_up(self) -> None:
-        from vlmbridge.media.decode import decode_image
-        from vlmbridge.tiny.images import demo_picture
-
-        parts: list[TextPart | ImagePart] = [TextPart("Hi")]
-        if self._info.kind == "vlm":
-            buf = io.BytesIO()
-            demo_picture(64, 64).save(buf, format="PNG")
-            parts.insert(0, ImagePart(decode_image(buf.getvalue()), PixelBudget(max_pixels=64 * 64 * 4)))
-        req = GenerationRequest(
-            messages=(ChatMessage("user", tuple(parts)),),
-            sampling=SamplingParams(max_new_tokens=2, temperature=0.0),
-            request_id="warm-up",
-        )
+        req = warm_up_request(self._info.kind == "vlm")
         for out in self.generate(req):
             if out.error is not None:
                 raise out.error
