@@ -118,7 +118,9 @@ class RequestStream(Generic[T]):
                 ready.clear()
                 if not self._items.empty():  # pushed between the check and the clear
                     continue
-                await asyncio.wait_for(ready.wait(), timeout)
+                # asyncio.timeout, not wait_for: wait_for wraps every wait (one per token) in a task of its own.
+                async with asyncio.timeout(timeout):
+                    await ready.wait()
                 continue
             if item is self._END:
                 self._ended = True

@@ -95,11 +95,14 @@ class _Worker:
     def __init__(self, engine: Engine, send: Any) -> None:
         self.engine = engine
         self.send = send
-        self.prepare = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmbridge-prepare")
+        # An engine whose `generate` mostly waits (vLLM's: until its own loop accepted the request) takes more
+        # requests at once than one whose `generate` is CPU work beside its engine thread (templating, pixels).
+        threads = int(getattr(engine, "admission_threads", 2))
+        self.prepare = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vlmbridge-prepare")
         self.stop = threading.Event()
         # Outputs made during one engine step, sent as one message when the step ends (engines that announce
         # their steps; others send each output as it comes).
-        self._step: list[tuple[threading.Event, str, EngineOutput, bool]] = []
+        self._step: list[tuple[str, EngineOutput, bool]] = []
         self._stepper: int | None = None  # the thread that runs the engine's steps, learned from its first one
         if hasattr(engine, "step_done"):
             engine.step_done = self._flush
@@ -134,15 +137,14 @@ class _Worker:
 
     def _generate(self, request: Any) -> None:
         rid = request.request_id
-        accepted = threading.Event()
 
         def forward(out: EngineOutput, last: bool) -> None:
             # From the engine's thread, no thread hop per token: kept until its step ends, or sent now when
-            # pushed elsewhere. The acceptance goes first either way.
+            # pushed elsewhere. Outputs may overtake "accepted": the front files a request's stream before it
+            # sends it, and the engine's thread never waits for a preparing thread.
             if threading.get_ident() == self._stepper:
-                self._step.append((accepted, rid, out, last))
+                self._step.append((rid, out, last))
                 return
-            accepted.wait(30)
             with contextlib.suppress(OSError, ValueError):  # the front went away: nothing to tell
                 self.send(("out", rid, encode_output(out), last))
 
@@ -152,7 +154,6 @@ class _Worker:
             self.send(("rejected", rid, encode_error(exc)))
             return
         self.send(("accepted", rid))
-        accepted.set()
 
     def _flush(self) -> None:
         """The engine finished a step: its outputs go to the front as one message."""
@@ -160,10 +161,8 @@ class _Worker:
         if not self._step:
             return
         step, self._step = self._step, []
-        for accepted, _, _, _ in step:
-            accepted.wait(30)
         with contextlib.suppress(OSError, ValueError):
-            self.send(("outs", [(rid, encode_output(out), last) for _, rid, out, last in step]))
+            self.send(("outs", [(rid, encode_output(out), last) for rid, out, last in step]))
 
     def _count(self, call: int, messages: Any) -> None:
         try:

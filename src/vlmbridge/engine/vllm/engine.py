@@ -91,6 +91,8 @@ class VllmEngine:
         self._state: EngineState = "loading"
         self._reason = "starting vLLM"
         self._capacity = model.max_batch_size + model.max_queue
+        # A worker prepares this many requests at once: `generate` mostly waits for vLLM's loop to accept.
+        self.admission_threads = max(2, min(16, model.max_batch_size))
         self._live: dict[str, RequestStream[EngineOutput]] = {}  # only touched on the loop's thread
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._early_aborts: set[str] = set()  # aborts that overtook their request's acceptance
