@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from vlmbridge.engine.types import ChatMessage, EngineOutput, EngineStats, GenerationRequest
 
-__all__ = ["Engine", "EngineInfo", "EngineState", "PromptStats", "RequestStream"]
+__all__ = ["Engine", "EngineInfo", "EngineState", "PromptStats", "RequestStream", "wake_streams"]
 
 EngineState = Literal["loading", "warming_up", "ready", "restarting", "failed", "stopped"]
 T = TypeVar("T")
@@ -72,18 +72,25 @@ class RequestStream(Generic[T]):
         self._ended = False
 
     # --- producer side -----------------------------------------------------------------------------------
-    def push(self, item: T, *, last: bool = False) -> None:
+    def push(self, item: T, *, last: bool = False, wake: bool = True) -> None:
+        """`wake=False`: the caller wakes the reader itself (`wake_streams`, one wake-up for many streams)."""
         if self._forward is not None:
             self._forward(item, last)
             return
         self._items.put(item)
         if last:
             self._items.put(self._END)
+        if wake:
+            wake_streams((self,))
+
+    def _waker(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Event] | None:
+        """The async reader's loop and event when it may be waiting (an event already set needs no wake-up: the
+        reader clears it before it looks at the queue, which already holds the item)."""
         with self._lock:
             loop, ready = self._loop, self._ready
-        if loop is not None and ready is not None:
-            with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody is listening
-                loop.call_soon_threadsafe(ready.set)
+        if loop is None or ready is None or ready.is_set():
+            return None
+        return loop, ready
 
     # --- consumer side -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[T]:
@@ -130,6 +137,24 @@ class RequestStream(Generic[T]):
     async def __aiter__(self) -> AsyncIterator[T]:
         while (item := await self.next()) is not None:
             yield item
+
+
+def wake_streams(streams: Iterable[RequestStream[Any]]) -> None:
+    """Wake the async readers of `streams`: one call into each reader loop, however many streams it reads (an
+    engine step's outputs arrive together)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for stream in streams:
+        waker = stream._waker()
+        if waker is not None:
+            by_loop.setdefault(waker[0], []).append(waker[1])
+    for loop, events in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the reader's loop is closed: nobody is listening
+            loop.call_soon_threadsafe(_set_all, events)
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 class Engine(Protocol):

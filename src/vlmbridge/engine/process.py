@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
+from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream, wake_streams
 from vlmbridge.engine.types import ChatMessage, EngineOutput, EngineStats, GenerationRequest
 from vlmbridge.engine.wire import decode_error, decode_output
 from vlmbridge.errors import EngineNotReadyError, ModelLoadError, WorkerDiedError
@@ -247,9 +247,8 @@ class ProcessEngine:
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "outs":  # one engine step's outputs
-            for rid, item, last in message[1]:
-                self._deliver(rid, item, last)
+        if kind == "outs":  # one engine step's outputs: one wake-up for all their readers
+            wake_streams([s for rid, item, last in message[1] if (s := self._deliver(rid, item, last, wake=False))])
         elif kind == "out":
             self._deliver(*message[1:])
         elif kind == "beat":
@@ -279,12 +278,13 @@ class ProcessEngine:
             self._stopping.set()  # a folder that does not load will not load on a restart either
             self._resolve_ready(error)
 
-    def _deliver(self, rid: str, item: Any, last: bool) -> None:
+    def _deliver(self, rid: str, item: Any, last: bool, wake: bool = True) -> RequestStream[EngineOutput] | None:
         stream = self._streams.get(rid)
         if stream is not None:
-            stream.push(decode_output(item), last=last)
+            stream.push(decode_output(item), last=last, wake=wake)
             if last:
                 self._streams.pop(rid, None)
+        return stream
 
     def _resolve_ready(self, error: Exception | None) -> None:
         if not self._ready.done():
