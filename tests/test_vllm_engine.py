@@ -191,3 +191,29 @@ models:
     assert texts["embedded"] == texts["on-vllm"], texts
     usages = {name: a.usage for name, a in answers.items()}
     assert usages["embedded"] == usages["on-vllm"]
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_the_vllm_engines_video_count_is_what_the_processor_builds(family: str, tiny_model: TinyFactory) -> None:
+    """The vLLM engine counts a clip's tokens before vLLM runs (context check, /v1/tokenize) from the processor's
+    resize rule and, for Qwen3-VL, the `<t seconds>` text between frame pairs: it must equal what the model's own
+    processor builds (the transformers engine) for one clip and for two of different lengths and budgets. Needs no
+    vLLM; for Qwen3-VL it checks the count that applies once its clips are taken (see NO_VLLM_VIDEO)."""
+    from vlmbridge.engine.types import ChatMessage, PixelBudget, TextPart, VideoPart
+    from vlmbridge.engine.vllm.inputs import VllmInputs
+    from vlmbridge.media.video import VideoSampling, probe_video
+
+    folder = tiny_model(family, size="tiny-vllm")
+    inputs = VllmInputs(folder, vlm=True, context_length=32768, default_max_new_tokens=8)
+    inputs.video_refusal = None
+    long = VideoPart(
+        probe_video(clip_bytes(seed=1, frames=15, fps=5)), VideoSampling(2, 6, 64 * 64), PixelBudget(64 * 64)
+    )
+    short = VideoPart(
+        probe_video(clip_bytes(seed=2, frames=10, fps=5)), VideoSampling(2, 6, 32 * 48), PixelBudget(32 * 48)
+    )
+    for parts in ((long,), (long, short)):
+        messages = (ChatMessage("user", (*parts, TextPart("What happens?"))),)
+        built = inputs.prompts.build(messages)
+        counted = inputs.count(messages)
+        assert (counted.prompt_tokens, counted.video_tokens) == (built.prompt_tokens, built.video_tokens) != (0, 0)

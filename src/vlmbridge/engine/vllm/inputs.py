@@ -36,6 +36,7 @@ class VllmInputs:
         self.video_token_id = self.prompts.video_token_id if vlm else None
         self.video_processor = getattr(self.prompts.processor, "video_processor", None)
         self.video_refusal = _video_refusal(self.prompts.processor, self.video_processor) if vlm else None
+        self._video_target = _video_target(self.prompts.processor)
 
     def count(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
         ids, extra = self._placeholders(messages, None)
@@ -82,7 +83,7 @@ class VllmInputs:
                 continue
             stamps = sum(len(self.prompts.tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False))
                          for t in _group_times(clip, self.video_processor))  # fmt: skip
-            extra += stamps + groups * (per_group + 2) - 3  # replaces <|vision_start|><|video_pad|><|vision_end|>
+            extra += stamps + groups * (per_group + 2) - self._video_target
         return extra, tokens
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
@@ -246,3 +247,14 @@ def _video_refusal(processor: Any, video_processor: Any) -> str | None:
             "serve this model with engine: transformers for video"
         )
     return None
+
+
+def _video_target(processor: Any) -> int:
+    """Prompt tokens a Qwen3-VL clip's expansion replaces, by vLLM's rule: transformers processors that override
+    `replace_video_token` (5.10 on) keep the outer <|vision_start|>/<|vision_end|> and replace only <|video_pad|>."""
+    try:
+        from transformers.processing_utils import ProcessorMixin
+    except ImportError:
+        return 3
+    own = getattr(type(processor), "replace_video_token", None)
+    return 1 if own is not None and own is not getattr(ProcessorMixin, "replace_video_token", None) else 3
