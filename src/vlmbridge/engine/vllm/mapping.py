@@ -8,7 +8,7 @@ Fields added to `GenerationRequest` later (structured output → `StructuredOutp
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlmbridge.engine.transformers.sampling import resolve_sampling
@@ -30,6 +30,8 @@ class PreparedPrompt:
     image_tokens: int
     max_new_tokens: int
     reasoning_open: bool
+    videos: list[Any] = field(default_factory=list)  # (frames T×H×W×3, metadata) per clip, sampled by us
+    video_tokens: int = 0
 
 
 def to_vllm(prepared: PreparedPrompt, generation_config: Any) -> tuple[dict[str, Any], Any]:
@@ -59,8 +61,13 @@ def to_vllm(prepared: PreparedPrompt, generation_config: Any) -> tuple[dict[str,
         structured_outputs=_structured(prepared.request),
     )
     prompt: dict[str, Any] = {"prompt_token_ids": prepared.token_ids}
+    media: dict[str, Any] = {}
     if prepared.images:
-        prompt["multi_modal_data"] = {"image": prepared.images}
+        media["image"] = prepared.images
+    if prepared.videos:  # frames with their metadata: vLLM's own frame sampling stays off (do_sample_frames)
+        media["video"] = prepared.videos
+    if media:
+        prompt["multi_modal_data"] = media
         if prepared.processor_kwargs:
             prompt["mm_processor_kwargs"] = dict(prepared.processor_kwargs)
     return prompt, params
@@ -86,7 +93,9 @@ def _structured(request: GenerationRequest) -> Any:
 _FINISH: dict[str, EngineFinish] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-def from_vllm(out: Any, *, first: bool, prepared: PreparedPrompt, image_token_id: int | None) -> EngineOutput:
+def from_vllm(
+    out: Any, *, first: bool, prepared: PreparedPrompt, image_token_id: int | None, video_token_id: int | None = None
+) -> EngineOutput:
     """One delta `RequestOutput` as our `EngineOutput`; the first carries what vLLM made of the prompt."""
     completion = out.outputs[0]
     ids = tuple(int(t) for t in completion.token_ids)
@@ -103,9 +112,11 @@ def from_vllm(out: Any, *, first: bool, prepared: PreparedPrompt, image_token_id
     if first:
         prompt_ids = out.prompt_token_ids or []
         images = sum(1 for t in prompt_ids if t == image_token_id) if image_token_id is not None else 0
+        videos = sum(1 for t in prompt_ids if t == video_token_id) if video_token_id is not None else 0
         prompt = PromptInfo(
             prompt_tokens=len(prompt_ids),
             image_tokens=images,
+            video_tokens=videos,
             cached_tokens=int(out.num_cached_tokens or 0),
             reasoning_open=prepared.reasoning_open,
         )
