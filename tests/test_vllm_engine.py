@@ -2,7 +2,7 @@
 
 Per family, on the `tiny-vllm` checkpoint in float32: different pictures and clips reach the model through vLLM
 (different first-token distributions), vLLM's greedy tokens equal the transformers engine's, and both report the
-same prompt, image and video token counts (Qwen2/2.5-VL; Qwen3-VL clips are refused on vLLM, see NO_VLLM_VIDEO);
+same prompt, image and video token counts (Qwen3-VL clips through engine/vllm/compat.py);
 a bad clip is a 400 on vLLM too. The checks that need no vLLM (what fails
 before loading) run everywhere.
 """
@@ -24,13 +24,13 @@ from vlmbridge.settings import ModelSettings
 
 
 def _answer(
-    server: Server, seed: int, *, clip: bool = False, pair: bool = False, max_tokens: int = 8
+    server: Server, seed: int, *, clip: bool = False, pair: bool = False, max_tokens: int = 8, seconds: int = 3
 ) -> tuple[list[str], list[list[tuple[str, float]]], int, int]:
     """(greedy tokens, top-3 logprobs per step, prompt tokens, image or video tokens) for a picture, a clip, or a
     pair of clips with different budgets (one request, each clip resized to its own)."""
     clip = clip or pair
     if clip:  # 3 s at 5 fps sampled at 2 fps (6 frames: an even number, as Qwen-VL takes frames in pairs)
-        url = video_uri(clip_bytes(seed=seed, frames=15, fps=5))
+        url = video_uri(clip_bytes(seed=seed, frames=5 * seconds, fps=5))
         messages = video_message(url, fps=2, max_frames=6, max_pixels=64 * 64)
         if pair:  # a shorter clip at a smaller per-frame budget (its frames shrink)
             second = {"url": video_uri(clip_bytes(seed=seed + 1, frames=10, fps=5)), "fps": 2, "max_pixels": 32 * 48}
@@ -48,11 +48,6 @@ def _answer(
     return tokens, tops, body["usage"]["prompt_tokens"], details["video_tokens" if clip else "image_tokens"]
 
 
-# vLLM 0.32 calls Qwen3-VL's processor on video placeholders without their frames, which the transformers we run
-# (>= 5.20) refuses: the vLLM engine says so (400 not_supported, engine/vllm/inputs._video_refusal) for these.
-NO_VLLM_VIDEO = ("qwen3_vl", "qwen3_vl_moe")
-
-
 @pytest.mark.vllm
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_vllm_sees_the_picture_and_the_clip_and_matches_transformers(family: str, tiny_model: TinyFactory) -> None:
@@ -60,31 +55,25 @@ def test_vllm_sees_the_picture_and_the_clip_and_matches_transformers(family: str
     our decoded, sampled frames with their metadata; the counts and greedy tokens must equal the transformers
     engine's, which runs the model's own video processor on the same frames)."""
     folder = tiny_model(family, size="tiny-vllm")
-    video = family not in NO_VLLM_VIDEO
     with running(folder, **engine_settings("vllm")) as vllm:
         red = _answer(vllm, seed=1)
         blue = _answer(vllm, seed=2)
-        if video:
-            clip = _answer(vllm, seed=1, clip=True, max_tokens=4)
-            pair = _answer(vllm, seed=4, pair=True, max_tokens=2)
-            other_clip = _answer(vllm, seed=2, clip=True, max_tokens=1)
-            whole = clip_bytes(seed=3, frames=20)  # a truncated file: refused while decoding, in vLLM's worker
-            bad = vllm.post({"model": MODEL, "messages": video_message(video_uri(whole[: len(whole) // 2])),
-                             "max_tokens": 1})  # fmt: skip
-            assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_video", bad.text
-            assert _answer(vllm, seed=1, clip=True, max_tokens=1)[1] == clip[1][:1], "the engine changed"
-            assert clip[1][0] != other_clip[1][0], f"{family}: two clips gave vLLM the same first-token distribution"
-        else:
-            refused = vllm.post({"model": MODEL, "messages": video_message(video_uri(clip_bytes(seed=1))),
-                                 "max_tokens": 1})  # fmt: skip
-            assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_supported", refused.text
-            assert _answer(vllm, seed=1)[1] == red[1], "the engine changed after a refused clip"
+        clip = _answer(vllm, seed=1, clip=True, max_tokens=4)
+        pair = _answer(vllm, seed=4, pair=True, max_tokens=2)
+        other_clip = _answer(vllm, seed=2, clip=True, max_tokens=1)
+        longer = _answer(vllm, seed=5, clip=True, max_tokens=1, seconds=6)
+        whole = clip_bytes(seed=3, frames=20)  # a truncated file: refused while decoding, in vLLM's worker
+        bad = vllm.post({"model": MODEL, "messages": video_message(video_uri(whole[: len(whole) // 2])),
+                         "max_tokens": 1})  # fmt: skip
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_video", bad.text
+        assert _answer(vllm, seed=1, clip=True, max_tokens=1)[1] == clip[1][:1], "the engine changed"
+        assert clip[1][0] != other_clip[1][0], f"{family}: two clips gave vLLM the same first-token distribution"
+        assert longer[3] == clip[3], f"{family}: a longer clip under the same max_frames changed video_tokens"
     assert red[1][0] != blue[1][0], f"{family}: two pictures gave vLLM the same first-token distribution"
     with running(folder, **engine_settings("transformers")) as ours:
         compared = [(red, _answer(ours, seed=1), "picture")]
-        if video:
-            compared.append((clip, _answer(ours, seed=1, clip=True, max_tokens=4), "clip"))
-            compared.append((pair, _answer(ours, seed=4, pair=True, max_tokens=2), "two clips"))
+        compared.append((clip, _answer(ours, seed=1, clip=True, max_tokens=4), "clip"))
+        compared.append((pair, _answer(ours, seed=4, pair=True, max_tokens=2), "two clips"))
     for got, want, what in compared:
         if family == "qwen3_vl_moe":
             # vLLM's CPU fused-MoE kernel differs from transformers' expert loop by ~1e-2 in logprobs (dense families
@@ -198,7 +187,7 @@ def test_the_vllm_engines_video_count_is_what_the_processor_builds(family: str, 
     """The vLLM engine counts a clip's tokens before vLLM runs (context check, /v1/tokenize) from the processor's
     resize rule and, for Qwen3-VL, the `<t seconds>` text between frame pairs: it must equal what the model's own
     processor builds (the transformers engine) for one clip and for two of different lengths and budgets. Needs no
-    vLLM; for Qwen3-VL it checks the count that applies once its clips are taken (see NO_VLLM_VIDEO)."""
+    vLLM."""
     from vlmbridge.engine.types import ChatMessage, PixelBudget, TextPart, VideoPart
     from vlmbridge.engine.vllm.inputs import VllmInputs
     from vlmbridge.media.video import VideoSampling, probe_video

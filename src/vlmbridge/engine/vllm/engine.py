@@ -147,6 +147,10 @@ class VllmEngine:
             videos = m.max_videos if self._inputs.video_refusal is None else 0
             args["limit_mm_per_prompt"] = {"image": _IMAGES_PER_PROMPT, "video": videos}
             args["mm_processor_kwargs"] = budget_kwargs(PixelBudget(m.max_pixels, m.min_pixels))
+            if videos and self._inputs.video_bridged:
+                # vLLM's engine core profiles with dummy clips in processes of its own, where compat's bridge is
+                # not: it sizes memory without them (on CPU the KV cache is set explicitly anyway).
+                args["skip_mm_profiling"] = True
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
     # --- contract ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from vlmbridge.engine.base import PromptStats
 from vlmbridge.engine.clips import ClipInput, budget_per_clip, clip_input, clip_tokens, resized_size
 from vlmbridge.engine.transformers.prompt import PromptBuilder
 from vlmbridge.engine.types import ChatMessage, GenerationRequest, ImagePart, PixelBudget, VideoPart
+from vlmbridge.engine.vllm.compat import accepts_bare_video_placeholders, allow_bare_video_placeholders
 from vlmbridge.engine.vllm.mapping import PreparedPrompt
 from vlmbridge.errors import (
     ContextLengthError,
@@ -35,7 +36,9 @@ class VllmInputs:
         self.image_token_id = self.prompts.image_token_id if vlm else None
         self.video_token_id = self.prompts.video_token_id if vlm else None
         self.video_processor = getattr(self.prompts.processor, "video_processor", None)
-        self.video_refusal = _video_refusal(self.prompts.processor, self.video_processor) if vlm else None
+        self.video_refusal, self.video_bridged = (
+            _video_refusal(self.prompts.processor, self.video_processor) if vlm else (None, False)
+        )
         self._video_target = _video_target(self.prompts.processor)
 
     def count(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
@@ -229,24 +232,22 @@ def _presized(clips: list[ClipInput], video_processor: Any) -> tuple[list[ClipIn
     return out, {"shortest_edge": min(areas), "longest_edge": max(areas)}
 
 
-def _video_refusal(processor: Any, video_processor: Any) -> str | None:
-    """Why this model's clips cannot go through vLLM here (None: they can). vLLM 0.32 processes a Qwen3-VL clip on
-    its own, then calls the processor on the prompt's placeholder text without the frames; transformers from 5.20
-    refuses that (placeholders without videos), so every Qwen3-VL clip would fail inside vLLM. Probed, not assumed:
-    a transformers (or vLLM) that accepts it turns video on."""
+def _video_refusal(processor: Any, video_processor: Any) -> tuple[str | None, bool]:
+    """(why this model's clips cannot go through vLLM here, or None; whether compat bridged a mismatch to let
+    them). Qwen3-VL clips need the processor to take placeholders without frames (engine/vllm/compat.py)."""
     if video_processor is None:
-        return None  # the template step says the model takes no video
+        return None, False  # the template step says the model takes no video
     if not budget_per_clip(video_processor):
-        return None  # Qwen2/2.5-VL: vLLM calls the processor once, with the text and the frames together
-    try:
-        processor(text="<|vision_start|><|video_pad|><|vision_end|>")
-    except ValueError:
-        return (
-            "video input is not supported for Qwen3-VL models with engine: vllm and this transformers (vLLM 0.32 "
-            "calls its processor on video placeholders without their frames, which transformers >= 5.20 refuses); "
-            "serve this model with engine: transformers for video"
-        )
-    return None
+        return None, False  # Qwen2/2.5-VL: vLLM calls the processor once, with the text and the frames together
+    if accepts_bare_video_placeholders(processor):
+        return None, False
+    if allow_bare_video_placeholders(processor):
+        return None, True
+    return (
+        "video input is not supported for Qwen3-VL models with engine: vllm and this transformers (vLLM 0.32 "
+        "calls its processor on video placeholders without their frames, which this transformers refuses); "
+        "serve this model with engine: transformers for video"
+    ), False
 
 
 def _video_target(processor: Any) -> int:
