@@ -122,7 +122,8 @@ class ModelSettings(BaseModel):
     low_detail_pixels: int = Field(
         512 * 512, ge=3136, le=16384 * 32 * 32, description="Pixel budget for images sent with OpenAI detail=low."
     )
-    # A model setting (the front admits at most this many; the vLLM engine reserves memory for that many at start-up).
+    # Model settings (the front admits at most this many; the vLLM engine reserves memory for that many at start-up).
+    max_images: int = Field(8, ge=0, le=256, description="Most images in one request (all messages together).")
     max_videos: int = Field(2, ge=0, le=32, description="Most videos in one request (all messages together).")
 
     # --- engine --------------------------------------------------------------------------------------------
@@ -286,7 +287,6 @@ class ServerSettings(BaseModel):
     )
 
     # --- images --------------------------------------------------------------------------------------------
-    max_images: int = Field(8, ge=0, le=256, description="Most images in one request (all messages together).")
     max_image_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, le=1 << 30, description="Largest image file (downloaded or base64-decoded)."
     )

@@ -140,12 +140,12 @@ class VllmEngine:
             disable_log_stats=True,
         )
         if is_vlm:
-            # Start-up reservation from our admission limits: the most images one request may carry (8 by default;
-            # the server refuses more), each at most max_pixels, and the most clips (max_videos; the front refuses
+            # Start-up reservation from our admission limits: the most images one request may carry (max_images;
+            # the front refuses more), each at most max_pixels, and the most clips (max_videos; the front refuses
             # more) — vLLM never reserves for media we would refuse. No clips allowed (or video refused for this
             # model, see inputs._video_refusal): no video reservation at all.
             videos = m.max_videos if self._inputs.video_refusal is None else 0
-            args["limit_mm_per_prompt"] = {"image": _IMAGES_PER_PROMPT, "video": videos}
+            args["limit_mm_per_prompt"] = {"image": m.max_images, "video": videos}
             args["mm_processor_kwargs"] = budget_kwargs(PixelBudget(m.max_pixels, m.min_pixels))
             if videos and self._inputs.video_bridged:
                 # vLLM's engine core profiles with dummy clips in processes of its own, where compat's bridge is
@@ -316,9 +316,6 @@ class VllmEngine:
         for out in self.generate(req):
             if out.error is not None:
                 raise out.error
-
-
-_IMAGES_PER_PROMPT = 8
 
 
 def _refusal(exc: Exception) -> Exception:
