@@ -235,20 +235,21 @@ def test_a_json_schema_answer_is_an_instance_of_the_schema(engine_server: Server
         assert choice["message"]["content"].startswith("{")
 
 
-def test_tools_reach_the_template_and_a_forced_call_is_made_or_refused_cleanly(engine_server: Server) -> None:
+def test_tools_reach_the_template_and_a_forced_call_is_valid(engine_server: Server) -> None:
     """Tools render into the prompt on both engines (more prompt tokens); tool_choice required makes a valid call on
-    the transformers engine and is refused cleanly (400 not_supported) on vLLM until its grammar is mapped."""
+    both (a grammar over the tools' schemas: llguidance in the transformers engine, vLLM's guidance backend)."""
+    label = {"type": "string", "maxLength": 8}
     tool = {"type": "function", "function": {"name": "tag", "parameters": {
-        "type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}}}  # fmt: skip
-    base = {"model": MODEL, "messages": image_message(data_url(seed=12)), "max_tokens": 40, "temperature": 0}
+        "type": "object", "properties": {"label": label}, "required": ["label"]}}}  # fmt: skip
+    base = {"model": MODEL, "messages": image_message(data_url(seed=12)), "max_tokens": 120, "temperature": 0}
     plain = engine_server.post({**base, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
     with_tools = engine_server.post({**base, "max_tokens": 1, "tools": [tool]}).json()["usage"]["prompt_tokens"]
     assert with_tools > plain
     r = engine_server.post({**base, "tools": [tool], "tool_choice": "required"})
-    if engine_server.settings.engine == "vllm":
-        assert r.status_code == 400 and r.json()["error"]["code"] == "not_supported", r.text
-    else:
-        assert r.status_code == 200, r.text
-        calls = r.json()["choices"][0]["message"].get("tool_calls") or []
-        finish = r.json()["choices"][0]["finish_reason"]
-        assert finish == "length" or (calls and calls[0]["function"]["name"] == "tag")
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "tag"
+    arguments = json.loads(call["function"]["arguments"])
+    assert set(arguments) == {"label"} and isinstance(arguments["label"], str) and len(arguments["label"]) <= 8

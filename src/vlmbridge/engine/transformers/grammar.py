@@ -11,15 +11,13 @@ timeout (`prepare`), so a runaway cannot stall the engine; llguidance bounds eac
 limits: a step over them is an error, not a hang). The matcher's bitmask is applied to that request's logits row
 only, so unconstrained neighbours in a batch are untouched.
 
-Objects allow only their listed properties unless the schema says otherwise (as vLLM's backends do): an answer is
-bounded when its schema is. JSON comes compact, with the ", " and ": " separators Qwen's tool-call format uses.
+The grammar's text comes from `engine/grammar_text.py`, which the vLLM backend hands to vLLM's own llguidance
+backend: both engines constrain an answer identically (closed objects, Qwen's JSON separators, tool-call blocks).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import os
 import threading
 from collections import OrderedDict
@@ -27,14 +25,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from vlmbridge.engine.grammar_text import MAX_PARALLEL_CALLS, grammar_text
 from vlmbridge.engine.types import StructuredSpec
 from vlmbridge.errors import EngineFailedError, InvalidRequestError
 
 __all__ = ["MAX_PARALLEL_CALLS", "Constraint", "GrammarBook"]
-
-# `parallel_tool_calls`: at most this many calls in one answer (bounds the answer).
-MAX_PARALLEL_CALLS = 4
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _param(spec: StructuredSpec) -> str:
@@ -125,28 +120,14 @@ class GrammarBook:
         return matcher
 
     def _build(self, spec: StructuredSpec) -> str:
-        llg = self._llg
-        if spec.kind == "json_object":
-            return str(
-                llg.LLMatcher.grammar_from_json_schema(json.dumps({"type": "object", "x-guidance": _JSON_STYLE}))
-            )
-        schema = _closed(json.loads(spec.schema))
-        if isinstance(schema, dict):
-            schema["x-guidance"] = _JSON_STYLE
-        if spec.kind == "json_schema":
-            return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(schema)))
-        # Qwen's format: `<tool_call>\n{call}\n</tool_call>`, blocks one line apart.
-        call = f'call: {self._tag("<tool_call>")} "\\n" body "\\n" {self._tag("</tool_call>")}'
-        more = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if spec.parallel else ""
-        return str(llg.LLMatcher.grammar_from_lark(f"start: call {more}\n{call}\nbody: %json {json.dumps(schema)}\n"))
+        return str(self._llg.LLMatcher.grammar_from_lark(grammar_text(spec, self._token_id)))
 
-    def _tag(self, text: str) -> str:
-        """A tag as the grammar names it: its own token when the vocabulary has one (Qwen's <tool_call> is an
-        added token, which llguidance matches only as that token), else the text."""
+    def _token_id(self, text: str) -> int | None:
+        """`text`'s id when the vocabulary has it as one token (and the logits cover it), else None."""
         tid = self._hf.convert_tokens_to_ids(text)
         if isinstance(tid, int) and tid != getattr(self._hf, "unk_token_id", None) and tid < self.vocab_size:
-            return f"<[{tid}]>"
-        return json.dumps(text)
+            return tid
+        return None
 
     def allowed(self, bitmask: Any, device: Any) -> Any:
         """The bitmask (int32 words, 32 tokens each) as one bool per vocabulary entry, on `device`."""
@@ -208,26 +189,3 @@ class Constraint:
             return  # the answer is complete; only end-of-sequence followed (ignore_eos keeps generating it)
         if not self._matcher.consume_token(token):
             raise EngineFailedError("the grammar rejected the chosen token", code="grammar_failed")
-
-
-def _closed(schema: Any) -> Any:
-    """`schema` with additionalProperties: false wherever properties are listed and nothing else is said."""
-    schema = copy.deepcopy(schema)
-
-    def walk(node: Any) -> None:
-        if not isinstance(node, dict):
-            return
-        for key in ("properties", "$defs", "definitions", "patternProperties"):
-            for sub in (node.get(key) or {}).values():
-                walk(sub)
-        for key in ("items", "additionalProperties"):
-            for sub in node[key] if isinstance(node.get(key), list) else [node.get(key)]:
-                walk(sub)
-        for key in ("anyOf", "prefixItems"):
-            for sub in node.get(key) or []:
-                walk(sub)
-        if "properties" in node and "additionalProperties" not in node and "patternProperties" not in node:
-            node["additionalProperties"] = False
-
-    walk(schema)
-    return schema

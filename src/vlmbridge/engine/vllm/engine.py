@@ -8,6 +8,11 @@ A pump task on the loop turns vLLM's delta outputs into `EngineOutput`s (token i
 detokenizes, matches stop strings and aborts, as for the transformers engine). Usage comes from vLLM: prompt tokens,
 image and video tokens counted from the placeholder ids in `RequestOutput.prompt_token_ids`, cached tokens from
 its prefix cache.
+
+Structured output and forced tool calls: vLLM's `guidance` backend (llguidance, the transformers backend's library)
+compiles the grammar text both engines build, so both constrain identically. A Thinking checkpoint gets vLLM's
+`qwen3` reasoning parser, which keeps the grammar off the reasoning until `</think>`; each request says whether its
+prompt left a <think> block open (`reasoning_ended`), so a prompt without one is constrained from its first token.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from vlmbridge.engine.types import (
     EngineStats,
     GenerationRequest,
     PixelBudget,
+    StructuredSpec,
     warm_up_request,
 )
 from vlmbridge.engine.vllm.inputs import VllmInputs, budget_kwargs, generation_config
@@ -121,6 +127,7 @@ class VllmEngine:
             ) from exc
 
     async def _build(self, path: Path, dtype: str, is_vlm: bool, on_cpu: bool) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -138,6 +145,9 @@ class VllmEngine:
             gpu_memory_utilization=m.gpu_memory_utilization,
             enforce_eager=on_cpu,  # CPU: no graphs to capture; compiling costs minutes on start-up
             disable_log_stats=True,
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="guidance", reasoning_parser="qwen3" if self._inputs.opens_thinking else ""
+            ),
         )
         if is_vlm:
             # Start-up reservation from our admission limits: the most images one request may carry (max_images;
@@ -233,9 +243,11 @@ class VllmEngine:
     async def _submit(self, prepared: PreparedPrompt, prompt: dict[str, Any], params: Any, stream: Any) -> None:
         rid = prepared.request.request_id
         try:
-            collector = await self._llm.add_request(rid, prompt, params)
+            collector = await self._llm.add_request(
+                rid, prompt, params, reasoning_ended=None if prepared.reasoning_open else True
+            )
         except Exception as exc:
-            raise _refusal(exc) from None
+            raise _refusal(exc, prepared.request.structured) from None
         self._live[rid] = stream
         self._max_batch = max(self._max_batch, min(len(self._live), self.model.max_batch_size))
         self._tasks[rid] = asyncio.get_running_loop().create_task(self._pump(rid, collector, prepared, stream))
@@ -318,12 +330,18 @@ class VllmEngine:
                 raise out.error
 
 
-def _refusal(exc: Exception) -> Exception:
+def _refusal(exc: Exception, structured: StructuredSpec | None) -> Exception:
     """vLLM's refusal of a request as our typed 4xx (its validation errors name the parameter)."""
     message = str(exc)[:400]
     param = getattr(exc, "parameter", None)
     if param == "input_tokens" or "maximum context length" in message:
         return ContextLengthError(message, param="messages", code="context_length_exceeded")
+    if structured is not None and "grammar" in message.lower():  # llguidance could not compile the schema
+        return InvalidRequestError(
+            f"the schema cannot be turned into a grammar: {message}",
+            param="tool_choice" if structured.kind == "tool_calls" else "response_format",
+            code="invalid_schema",
+        )
     if type(exc).__name__ in ("VLLMValidationError", "VLLMClientError", "ValueError"):
         return InvalidRequestError(f"vLLM refused the request: {message}", param=param)
     return EngineFailedError(f"vLLM failed to accept the request ({type(exc).__name__})")

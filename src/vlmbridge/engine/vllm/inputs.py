@@ -1,7 +1,8 @@
 """Our side of a vLLM request, on the caller's thread: the prompt's token ids from the model's chat template (control
 tokens typed by users kept as text, one placeholder per image and clip for vLLM to expand), the expanded token count
 and the context check, the pictures decoded within their pixel budgets and the clips decoded and sampled by us
-(vLLM gets PIL images and frames with their metadata, never URLs or bytes).
+(vLLM gets PIL images and frames with their metadata, never URLs or bytes), and the structured-output grammar's text
+(the transformers backend's own, `engine/grammar_text.py`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import Any
 
 from vlmbridge.engine.base import PromptStats
 from vlmbridge.engine.clips import ClipInput, budget_per_clip, clip_input, clip_tokens, resized_size
+from vlmbridge.engine.grammar_text import grammar_text
 from vlmbridge.engine.transformers.prompt import PromptBuilder
-from vlmbridge.engine.types import ChatMessage, GenerationRequest, ImagePart, PixelBudget, VideoPart
+from vlmbridge.engine.types import ChatMessage, GenerationRequest, ImagePart, PixelBudget, StructuredSpec, VideoPart
 from vlmbridge.engine.vllm.compat import accepts_bare_video_placeholders, allow_bare_video_placeholders
 from vlmbridge.engine.vllm.mapping import PreparedPrompt
 from vlmbridge.errors import (
@@ -40,6 +42,9 @@ class VllmInputs:
             _video_refusal(self.prompts.processor, self.video_processor) if vlm else (None, False)
         )
         self._video_target = _video_target(self.prompts.processor)
+        # The template opens a <think> block for the answer (a Thinking checkpoint): vLLM needs a reasoning parser
+        # to keep the grammar off the reasoning.
+        self.opens_thinking = self._ends_in_think(self.prompts.placeholder_ids((ChatMessage("user", "Hi"),), None))
 
     def count(self, messages: tuple[ChatMessage, ...]) -> PromptStats:
         ids, extra = self._placeholders(messages, None)
@@ -120,7 +125,6 @@ class VllmInputs:
         videos, video_kwargs = self._videos(clips)
         if video_kwargs:  # each modality's budget in its own scope (a flat one would reach both processors)
             kwargs = {"videos_kwargs": video_kwargs, **({"images_kwargs": kwargs} if kwargs else {})}
-        tail = self.prompts.tokenizer.decode(ids[-4:])
         return PreparedPrompt(
             request=request,
             token_ids=ids,
@@ -129,9 +133,10 @@ class VllmInputs:
             prompt_tokens=prompt_tokens,
             image_tokens=image_tokens,
             max_new_tokens=wanted,
-            reasoning_open=tail.rstrip().endswith("<think>"),
+            reasoning_open=self._ends_in_think(ids),
             videos=videos,
             video_tokens=video_tokens,
+            grammar=self.grammar(request.structured) if request.structured is not None else None,
         )
 
     def _videos(self, clips: list[ClipInput]) -> tuple[list[Any], dict[str, Any]]:
@@ -147,6 +152,18 @@ class VllmInputs:
             kwargs = [{**kwargs[0], "size": size}]
         videos = [(c.frames, {**c.metadata, "do_sample_frames": False}) for c in clips]
         return videos, kwargs[0]
+
+    def grammar(self, spec: StructuredSpec) -> str:
+        return grammar_text(spec, self._token_id)
+
+    def _token_id(self, text: str) -> int | None:
+        """`text`'s id when the vocabulary has it as one token (vLLM's llguidance covers the whole tokenizer)."""
+        tokenizer = self.prompts.tokenizer
+        tid = tokenizer.convert_tokens_to_ids(text)
+        return tid if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None) else None
+
+    def _ends_in_think(self, ids: list[int]) -> bool:
+        return bool(self.prompts.tokenizer.decode(ids[-4:]).rstrip().endswith("<think>"))
 
     def _images(self, parts: list[ImagePart]) -> tuple[list[Any], dict[str, Any]]:
         """Decoded pictures for vLLM, and the request's pixel budget as its processor kwargs. One budget for all:

@@ -1,8 +1,9 @@
 """Our request ↔ vLLM's: the one place the backend-neutral `GenerationRequest` becomes vLLM inputs and vLLM's
 `RequestOutput` becomes our `EngineOutput`.
 
-Fields added to `GenerationRequest` later (structured output → `StructuredOutputsParams`, videos →
-`multi_modal_data["video"]`) are mapped in `to_vllm`, and nowhere else.
+Fields added to `GenerationRequest` later (videos → `multi_modal_data["video"]`) are mapped in `to_vllm`, and nowhere
+else. Structured output goes to vLLM as the grammar text the transformers backend compiles too
+(`engine/grammar_text.py`), for vLLM's `guidance` backend (the engine's only one, see engine.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 from vlmbridge.engine.transformers.sampling import resolve_sampling
 from vlmbridge.engine.types import EngineFinish, EngineOutput, GenerationRequest, PromptInfo, TokenChoice
-from vlmbridge.errors import NotSupportedError
 
 __all__ = ["PreparedPrompt", "from_vllm", "to_vllm"]
 
@@ -32,6 +32,7 @@ class PreparedPrompt:
     reasoning_open: bool
     videos: list[Any] = field(default_factory=list)  # (frames T×H×W×3, metadata) per clip, sampled by us
     video_tokens: int = 0
+    grammar: str | None = None  # the structured-output grammar (Lark text for llguidance), None for free text
 
 
 def to_vllm(prepared: PreparedPrompt, generation_config: Any) -> tuple[dict[str, Any], Any]:
@@ -58,7 +59,7 @@ def to_vllm(prepared: PreparedPrompt, generation_config: Any) -> tuple[dict[str,
         detokenize=False,
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
-        structured_outputs=_structured(prepared.request),
+        structured_outputs=_structured(prepared.grammar),
     )
     prompt: dict[str, Any] = {"prompt_token_ids": prepared.token_ids}
     media: dict[str, Any] = {}
@@ -73,21 +74,12 @@ def to_vllm(prepared: PreparedPrompt, generation_config: Any) -> tuple[dict[str,
     return prompt, params
 
 
-def _structured(request: GenerationRequest) -> Any:
-    """Our backend-neutral spec as vLLM's own structured outputs (its grammar backend compiles it)."""
-    spec = request.structured
-    if spec is None:
+def _structured(grammar: str | None) -> Any:
+    if grammar is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    if spec.kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    if spec.kind == "json_schema":
-        return StructuredOutputsParams(json=spec.schema)
-    raise NotSupportedError(  # tool_calls: a grammar around <tool_call> blocks, not mapped to vLLM yet
-        "tool_choice required or a named tool is not supported with engine: vllm yet (tool_choice auto is)",
-        param="tool_choice",
-    )
+    return StructuredOutputsParams(grammar=grammar)
 
 
 _FINISH: dict[str, EngineFinish] = {"stop": "stop", "length": "length", "abort": "abort"}
