@@ -1,7 +1,10 @@
 """Bounded JSON schemas for the structured-output tests, and how many tokens their longest valid answer takes.
 
 Every string has maxLength, a pattern or an enum, every array maxItems, every number bounds: so every schema has a
-longest valid answer, and a request with at least that many tokens must finish with a complete, valid object.
+longest valid answer, and a request with at least that many tokens must finish with a complete, valid object. Except
+in one place: a number's range bounds its integer part, not its fraction (JSON schema cannot, and no grammar library
+does), so a model that loops on a digit can run out of tokens inside a fraction (tests/test_structured_serving.py
+allows that, rarely, and checks it happened there).
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def _bytes(schema: Any, defs: dict[str, Any]) -> int:
     if kind == "integer":
         return max(len(str(schema["minimum"])), len(str(schema["maximum"])))
     if kind == "number":
-        return 24  # bounded numbers: sign, digits of the bound, a short fraction
+        return 24  # bounded numbers: sign, digits of the bound, a short fraction (a fraction has no bound)
     return {"boolean": 5, "null": 4}[kind]
 
 
