@@ -3,7 +3,8 @@ stock OpenAI-compatible class (what Dify's built-in provider runs) against a rea
 
 Dify's structured output invokes blocking with `response_format: "json_schema"` and `json_schema` as the string
 `{"schema": S, "name": "llm_response"}`; users of the stock provider paste a bare schema. Both must come back as
-JSON that validates, from a random-weight model that cannot write JSON on its own.
+JSON that validates, from a random-weight model that cannot write JSON on its own, on both engines (the vLLM one
+where VLMBRIDGE_VLLM_PYTHON is set).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.dify_support import DifyDriver, DriverError, dify_python, image_b64, 
 from tests.helpers import png_bytes
 from tests.server_utils import MODEL, Server, running
 from tests.structured_cases import token_budget
+from tests.test_conformance import ENGINES, engine_settings
 
 KEY = "dify-key"
 SCHEMA = {
@@ -45,9 +47,15 @@ TOOL = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model: TinyFactory) -> Iterator[Server]:
-    with running(tiny_model("qwen3_vl"), api_keys=[KEY]) as s:
+@pytest.fixture(
+    scope="module", params=[pytest.param(e, marks=[pytest.mark.vllm] if e == "vllm" else []) for e in ENGINES]
+)
+def server(request: pytest.FixtureRequest, tiny_model: TinyFactory) -> Iterator[Server]:
+    if request.param == "transformers":
+        folder, settings = tiny_model("qwen3_vl"), {}
+    else:  # vLLM's CPU attention needs the tiny-vllm checkpoint (32-dim heads)
+        folder, settings = tiny_model("qwen3_vl", size="tiny-vllm"), engine_settings("vllm")
+    with running(folder, api_keys=[KEY], **settings) as s:
         yield s
 
 
