@@ -9,9 +9,13 @@
    the tiny tokenizer and on a byte-level vocabulary of Qwen's size (151,643 synthetic words + its added tokens),
    plus the per-token mask cost there (fill the bitmask and apply it to a logits row).
 
+With `--engine vllm` (and `--vllm-python`, or VLMBRIDGE_VLLM_PYTHON), part 1 runs on the vLLM engine (its
+`guidance` backend compiles the same grammar text, in vLLM's worker) and part 2, which measures llguidance itself, is
+left out.
+
 Prints tables; asserts nothing.
 
-    python benchmarks/bench_structured.py [--requests 8] [--tokens 64] [--rounds 2]
+    python benchmarks/bench_structured.py [--requests 8] [--tokens 64] [--rounds 2] [--engine vllm]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import random
 import statistics
 import sys
@@ -77,7 +82,9 @@ def run_clients(base: str, bodies: list[dict[str, Any]], clients: int) -> tuple[
     return tokens[0], time.perf_counter() - start
 
 
-def throughput(folder: Path, requests: int, tokens: int, rounds: int) -> list[tuple[int, str, float]]:
+def throughput(
+    folder: Path, requests: int, tokens: int, rounds: int, dtype: str, engine_flags: tuple[str, ...]
+) -> list[tuple[int, str, float]]:
     url = "data:image/png;base64," + base64.b64encode(picture_png(160, 120)).decode()
     messages = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it as JSON."},
@@ -85,9 +92,7 @@ def throughput(folder: Path, requests: int, tokens: int, rounds: int) -> list[tu
     base_body = {"model": "small", "messages": messages, "max_tokens": tokens, "temperature": 1.0}
     schemas = list(template_schemas().values())
     rows = []
-    # The engine in the server's process: on a shared 2-core machine 8 picture prefills at once can outlast the
-    # worker process's 10 s heartbeat, and a restart mid-run measures nothing.
-    with server_process(folder, "auto", "--max-batch-size", "8", "--engine-worker", "thread") as base:
+    with server_process(folder, dtype, "--max-batch-size", "8", *engine_flags) as base:
         warm = [{**base_body, "seed": 0, "ignore_eos": True}]
         warm += [{**base_body, "response_format": _fmt(s)} for s in schemas]  # compiles the grammars once
         run_clients(base, warm, 1)
@@ -177,25 +182,41 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per setting; the best counts")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
+    parser.add_argument("--vllm-python", default=os.environ.get("VLMBRIDGE_VLLM_PYTHON"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     args = parser.parse_args()
+    if args.engine == "vllm":
+        if not args.vllm_python:
+            sys.exit("--engine vllm: give --vllm-python or set VLMBRIDGE_VLLM_PYTHON (./vb vllm-venv creates one)")
+        engine_flags: tuple[str, ...] = (
+            "--engine", "vllm", "--vllm-python", args.vllm_python, "--engine-worker", "process",
+            "--context", "4096", "--vllm-cpu-kv-cache-gib", "1",
+        )  # fmt: skip
+    else:
+        # The engine in the server's process: on a shared 2-core machine 8 picture prefills at once can outlast the
+        # worker process's 10 s heartbeat, and a restart mid-run measures nothing.
+        engine_flags = ("--engine-worker", "thread")
 
     from vlmbridge.tiny.builder import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_tiny_model(Path(tmp) / "small", "qwen3_vl", size="small")
-        rows = throughput(folder, args.requests, args.tokens, args.rounds)
+        rows = throughput(folder, args.requests, args.tokens, args.rounds, args.dtype, engine_flags)
         from transformers import AutoTokenizer
 
         tiny = AutoTokenizer.from_pretrained(folder)
 
     print(
-        f"small Qwen3-VL, 160x120 picture, max_tokens={args.tokens}, {args.requests} requests per client, "
-        f"best of {args.rounds} alternating rounds"
+        f"engine {args.engine}, small Qwen3-VL ({args.dtype}), 160x120 picture, max_tokens={args.tokens}, "
+        f"{args.requests} requests per client, best of {args.rounds} alternating rounds"
     )
     print(f"{'clients':>8}  {'requests':<26}{'tokens/s':>10}{'vs free':>9}")
     free = {c: tps for c, label, tps in rows if label.startswith("free")}
     for clients, label, tps in rows:
         print(f"{clients:>8}  {label:<26}{tps:>10.1f}{tps / free[clients]:>9.2f}")
+    if args.engine == "vllm":
+        return  # part 2 measures llguidance itself, the same library vLLM's guidance backend runs
     for label, tokenizer, size in (
         ("tiny tokenizer", tiny, len(tiny)),
         ("Qwen-sized vocabulary", qwen_sized_tokenizer(), 151_936),
