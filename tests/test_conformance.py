@@ -253,3 +253,13 @@ def test_tools_reach_the_template_and_a_forced_call_is_valid(engine_server: Serv
     assert call["function"]["name"] == "tag"
     arguments = json.loads(call["function"]["arguments"])
     assert set(arguments) == {"label"} and isinstance(arguments["label"], str) and len(arguments["label"]) <= 8
+
+
+def test_a_schema_no_answer_can_satisfy_is_a_400_naming_it(engine_server: Server) -> None:
+    """The grammar library (llguidance on both engines) finds the schema unsatisfiable: a 400, and it still serves."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "never", "schema": False}}
+    body = {"model": MODEL, "messages": image_message(data_url(seed=13)), "max_tokens": 4, "response_format": fmt}
+    r = engine_server.post(body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_schema" and r.json()["error"]["param"] == "response_format", r.text
+    assert ask(engine_server, data_url(seed=13)).choices[0].finish_reason == "length"
