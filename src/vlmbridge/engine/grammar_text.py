@@ -18,7 +18,7 @@ from typing import Any
 
 from vlmbridge.engine.types import StructuredSpec
 
-__all__ = ["JSON_STYLE", "MAX_PARALLEL_CALLS", "TOOL_CALL_TAGS", "closed", "grammar_text"]
+__all__ = ["JSON_STYLE", "MAX_PARALLEL_CALLS", "TOOL_CALL_TAGS", "closed", "grammar_text", "single_token_id"]
 
 # `parallel_tool_calls`: at most this many calls in one answer (bounds the answer).
 MAX_PARALLEL_CALLS = 4
@@ -39,6 +39,14 @@ def grammar_text(spec: StructuredSpec, token_id: Callable[[str], int | None]) ->
     opening, closing = (_tag(t, token_id) for t in TOOL_CALL_TAGS)
     more = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if spec.parallel else ""
     return f'start: call {more}\ncall: {opening} "\\n" body "\\n" {closing}\nbody: %json {_styled(schema)}\n'
+
+
+def single_token_id(tokenizer: Any, text: str, vocab_size: int | None = None) -> int | None:
+    """`text`'s id when `tokenizer` has it as one token (below `vocab_size`, where the logits end), else None."""
+    tid = tokenizer.convert_tokens_to_ids(text)
+    if not isinstance(tid, int) or tid == getattr(tokenizer, "unk_token_id", None):
+        return None
+    return tid if vocab_size is None or tid < vocab_size else None
 
 
 def _styled(schema: Any) -> str:

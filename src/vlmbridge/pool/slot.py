@@ -229,13 +229,18 @@ class EngineSlot:
     def lease(self) -> Copy:
         """The current copy, counted as in use until `release`; raises if it cannot take requests now."""
         with self.lock:
-            copy = self._current
-            if copy is None or copy.engine.state != "ready":
-                self._refuse(copy)
-            assert copy is not None
+            copy = self._ready()
             copy.in_flight += 1
             self.last_used = time.time()
             return copy
+
+    def _ready(self) -> Copy:
+        """The current copy if it takes requests (the caller holds the lock); raises otherwise."""
+        copy = self._current
+        if copy is None or copy.engine.state != "ready":
+            self._refuse(copy)
+        assert copy is not None
+        return copy
 
     def _refuse(self, copy: Copy | None) -> None:
         if copy is not None and copy.engine.state == "restarting":
@@ -262,11 +267,7 @@ class EngineSlot:
     @property
     def engine(self) -> Engine:
         with self.lock:
-            copy = self._current
-            if copy is None or copy.engine.state != "ready":
-                self._refuse(copy)
-            assert copy is not None
-            return copy.engine
+            return self._ready().engine
 
     @property
     def client(self) -> ModelClient:

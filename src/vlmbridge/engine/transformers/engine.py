@@ -27,6 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
+from vlmbridge.engine.context import new_token_budget
 from vlmbridge.engine.transformers.batch import RunningBatch
 from vlmbridge.engine.transformers.caches import EncoderCache, PrefixCache, PrefixHit
 from vlmbridge.engine.transformers.family import adapter_for
@@ -45,7 +46,6 @@ from vlmbridge.engine.types import (
     warm_up_request,
 )
 from vlmbridge.errors import (
-    ContextLengthError,
     EngineFailedError,
     EngineNotReadyError,
     QueueFullError,
@@ -288,17 +288,9 @@ class TransformersEngine:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Render and tokenize the prompt, process images, check the context. Thread-safe; raises 4xx errors."""
         inputs = self.prompts.build(request.messages, request.chat_template_kwargs, tools=request.tools)
-        room = self.context_length - inputs.prompt_tokens
-        wanted = request.sampling.max_new_tokens or self.limits.default_max_new_tokens
-        if wanted > room:
-            if request.max_tokens_explicit:
-                raise ContextLengthError(
-                    f"max_tokens={wanted} plus the {inputs.prompt_tokens}-token prompt exceeds the "
-                    f"{self.context_length}-token context; ask for at most {room}",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
-            wanted = room
+        wanted = new_token_budget(
+            request, inputs.prompt_tokens, self.context_length, self.limits.default_max_new_tokens
+        )
         if not request.request_id:
             request = replace(request, request_id=f"req-{next(self._ids)}")
         grammar = None

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from vlmbridge.engine.grammar_text import MAX_PARALLEL_CALLS, grammar_text
+from vlmbridge.engine.grammar_text import MAX_PARALLEL_CALLS, grammar_text, single_token_id
 from vlmbridge.engine.types import StructuredSpec
 from vlmbridge.errors import EngineFailedError, InvalidRequestError
 
@@ -124,10 +124,7 @@ class GrammarBook:
 
     def _token_id(self, text: str) -> int | None:
         """`text`'s id when the vocabulary has it as one token (and the logits cover it), else None."""
-        tid = self._hf.convert_tokens_to_ids(text)
-        if isinstance(tid, int) and tid != getattr(self._hf, "unk_token_id", None) and tid < self.vocab_size:
-            return tid
-        return None
+        return single_token_id(self._hf, text, self.vocab_size)
 
     def allowed(self, bitmask: Any, device: Any) -> Any:
         """The bitmask (int32 words, 32 tokens each) as one bool per vocabulary entry, on `device`."""

@@ -15,11 +15,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vlmbridge.engine.context import check_prompt_fits
 from vlmbridge.engine.transformers.caches import PixelCache
 from vlmbridge.engine.transformers.pixels import ImagePixels, image_key
 from vlmbridge.engine.transformers.videos import VideoPixels, video_key
 from vlmbridge.engine.types import ChatMessage, GenerationRequest, PixelBudget, TextPart, ToolCall, VideoPart
-from vlmbridge.errors import ContextLengthError, InvalidRequestError
+from vlmbridge.errors import InvalidRequestError
 from vlmbridge.geometry import smart_resize, tokens_for_image
 
 __all__ = ["DEFAULT_PIXEL_CACHE_BYTES", "RESERVED_TEMPLATE_KWARGS", "ModelInputs", "PreparedRequest", "PromptBuilder"]
@@ -246,15 +247,7 @@ class PromptBuilder:
         prompt_tokens = int(ids.shape[-1])
         image_tokens = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
         video_tokens = int((ids == self.video_token_id).sum()) if clips and self.video_token_id is not None else 0
-        if prompt_tokens >= self.context_length:
-            shown = f"{image_tokens} of them image tokens" + (f", {video_tokens} video tokens" if clips else "")
-            raise ContextLengthError(
-                f"the prompt is {prompt_tokens} tokens ({shown}), but the context is {self.context_length}; send "
-                "fewer or smaller images (lower max_pixels or detail: low), shorter clips (lower fps or max_frames) "
-                "or less text",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        check_prompt_fits(prompt_tokens, image_tokens, video_tokens if clips else None, self.context_length)
         tail = self.tokenizer.decode(ids[0, -4:].tolist())
         spans = _runs(ids[0].tolist(), self.image_token_id)
         if len(spans) != len(parts):

@@ -12,13 +12,13 @@ from typing import Any
 
 from vlmbridge.engine.base import PromptStats
 from vlmbridge.engine.clips import ClipInput, budget_per_clip, clip_input, clip_tokens, resized_size
-from vlmbridge.engine.grammar_text import grammar_text
+from vlmbridge.engine.context import check_prompt_fits, new_token_budget
+from vlmbridge.engine.grammar_text import grammar_text, single_token_id
 from vlmbridge.engine.transformers.prompt import PromptBuilder
 from vlmbridge.engine.types import ChatMessage, GenerationRequest, ImagePart, PixelBudget, StructuredSpec, VideoPart
 from vlmbridge.engine.vllm.compat import accepts_bare_video_placeholders, allow_bare_video_placeholders
 from vlmbridge.engine.vllm.mapping import PreparedPrompt
 from vlmbridge.errors import (
-    ContextLengthError,
     ImageInputError,
     InvalidRequestError,
     NotSupportedError,
@@ -101,26 +101,8 @@ class VllmInputs:
         video_extra, video_tokens = self._video_counts(clips)
         prompt_tokens = len(ids) + extra + video_extra
         image_tokens = extra + len(parts)
-        if prompt_tokens >= self.context_length:
-            shown = f"{image_tokens} of them image tokens" + (f", {video_tokens} video tokens" if clips else "")
-            raise ContextLengthError(
-                f"the prompt is {prompt_tokens} tokens ({shown}), but the context is {self.context_length}; send "
-                "fewer or smaller images (lower max_pixels or detail: low), shorter clips (lower fps or max_frames) "
-                "or less text",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        room = self.context_length - prompt_tokens
-        wanted = request.sampling.max_new_tokens or self.default_max_new_tokens
-        if wanted > room:
-            if request.max_tokens_explicit:
-                raise ContextLengthError(
-                    f"max_tokens={wanted} plus the {prompt_tokens}-token prompt exceeds the "
-                    f"{self.context_length}-token context; ask for at most {room}",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
-            wanted = room
+        check_prompt_fits(prompt_tokens, image_tokens, video_tokens if clips else None, self.context_length)
+        wanted = new_token_budget(request, prompt_tokens, self.context_length, self.default_max_new_tokens)
         images, kwargs = self._images(parts)
         videos, video_kwargs = self._videos(clips)
         if video_kwargs:  # each modality's budget in its own scope (a flat one would reach both processors)
@@ -158,9 +140,7 @@ class VllmInputs:
 
     def _token_id(self, text: str) -> int | None:
         """`text`'s id when the vocabulary has it as one token (vLLM's llguidance covers the whole tokenizer)."""
-        tokenizer = self.prompts.tokenizer
-        tid = tokenizer.convert_tokens_to_ids(text)
-        return tid if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None) else None
+        return single_token_id(self.prompts.tokenizer, text)
 
     def _ends_in_think(self, ids: list[int]) -> bool:
         return bool(self.prompts.tokenizer.decode(ids[-4:]).rstrip().endswith("<think>"))
