@@ -212,6 +212,30 @@ def test_free_request_gives_the_same_logprobs_alone_and_batched_with_constrained
         assert a == pytest.approx(b, abs=2e-3)
 
 
+def test_the_picture_reaches_the_model_under_a_schema(server: Server) -> None:
+    """Every request here carries a picture; constrained or not, it must reach the model: two pictures give two
+    first-step distributions under the same schema (greedy, logprobs of the grammar's allowed tokens)."""
+    schema = {"type": "object", "properties": {"label": {"type": "string", "maxLength": 8}}, "required": ["label"]}
+
+    def first_step(url: str) -> list[float]:
+        body = {
+            "model": MODEL, "messages": image_message(url, "Tag it."), "max_tokens": 12, "temperature": 0,
+            "logprobs": True, "top_logprobs": 5,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "tag", "schema": schema}},
+        }  # fmt: skip
+        r = server.post(body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        # The grammar forces `{"label": "` first (one allowed token, the rest at the -9999 floor); the first step
+        # with a choice is where the picture shows.
+        free = [t for t in content if sum(a["logprob"] > -9999 for a in t["top_logprobs"]) > 1]
+        assert free, "no step of the answer left the grammar a choice"
+        return [round(a["logprob"], 3) for a in free[0]["top_logprobs"]]
+
+    assert first_step(data_url(96, 80, seed=21)) != first_step(data_url(96, 80, seed=22))
+
+
 def _tool_body(choice: Any, seed: int, stream: bool) -> dict[str, Any]:
     # max_tokens: the longest valid answer, MAX_PARALLEL_CALLS calls of the longer tool with escaped strings.
     return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,6 +12,7 @@ from vlmbridge.media.framelist import FrameListVideo
 from vlmbridge.media.video import DecodedVideo, VideoFrames, VideoSampling
 
 __all__ = [
+    "LOGPROB_FLOOR",
     "CacheCounters",
     "ChatMessage",
     "EngineFinish",
@@ -30,6 +32,7 @@ __all__ = [
     "ToolCall",
     "Usage",
     "VideoPart",
+    "reportable_logprob",
     "warm_up_request",
 ]
 
@@ -193,6 +196,16 @@ class GenerationChunk:
 
 # --- what a backend answers ------------------------------------------------------------------------------------------
 EngineFinish = Literal["stop", "length", "abort", "error"]
+
+
+# The lowest logprob reported: JSON cannot carry -inf or NaN, and OpenAI (and vLLM) report -9999.0 instead.
+LOGPROB_FLOOR = -9999.0
+
+
+def reportable_logprob(logprob: float) -> float:
+    """`logprob` as a backend reports it in a `TokenChoice`: finite, at least LOGPROB_FLOOR (a token a grammar or
+    top-k masked is -inf; isfinite also catches NaN, which no JSON encoder accepts)."""
+    return logprob if math.isfinite(logprob) and logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 @dataclass(frozen=True)

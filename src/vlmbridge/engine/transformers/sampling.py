@@ -13,20 +13,17 @@ largest finite float. If nothing finite is left (extreme penalties), the model's
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from vlmbridge.engine.types import SamplingParams, TokenChoice
+from vlmbridge.engine.types import LOGPROB_FLOOR, SamplingParams, TokenChoice, reportable_logprob
 from vlmbridge.errors import EngineFailedError
 
 __all__ = ["LOGPROB_FLOOR", "MIN_TEMPERATURE", "ResolvedSampling", "Sampler", "resolve_sampling"]
 
 # Below this temperature sampling is greedy (vLLM's threshold too): dividing by less only overflows.
 MIN_TEMPERATURE = 1e-5
-# The lowest logprob reported: JSON cannot carry -inf or NaN, and OpenAI (and vLLM) report -9999.0 instead.
-LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
@@ -155,8 +152,8 @@ class Sampler:
         top: tuple[tuple[int, float], ...] = ()
         if self.cfg.top_logprobs:
             values, ids = torch.topk(logp, self.cfg.top_logprobs)
-            top = tuple((int(t), _reportable(v)) for v, t in zip(values.tolist(), ids.tolist(), strict=True))
-        return TokenChoice(token_id=token, logprob=_reportable(float(logp[token])), top=top)
+            top = tuple((int(t), reportable_logprob(v)) for v, t in zip(values.tolist(), ids.tolist(), strict=True))
+        return TokenChoice(token_id=token, logprob=reportable_logprob(float(logp[token])), top=top)
 
 
 def _bounded(scores: Any) -> Any:
@@ -175,8 +172,3 @@ def _fallback(raw: Any) -> int:
             "the model produced no usable logits for this request (all NaN or -inf)", code="sampling_failed"
         )
     return int(torch.argmax(raw))
-
-
-def _reportable(logprob: float) -> float:
-    # isfinite also catches NaN, which no JSON encoder accepts (nor -inf).
-    return logprob if math.isfinite(logprob) and logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmbridge.engine.transformers.sampling import resolve_sampling
-from vlmbridge.engine.types import EngineFinish, EngineOutput, GenerationRequest, PromptInfo, TokenChoice
+from vlmbridge.engine.types import (
+    EngineFinish,
+    EngineOutput,
+    GenerationRequest,
+    PromptInfo,
+    TokenChoice,
+    reportable_logprob,
+)
 
 __all__ = ["PreparedPrompt", "from_vllm", "to_vllm"]
 
@@ -97,8 +104,9 @@ def from_vllm(
         picked = []
         for tid, entry in zip(ids, completion.logprobs, strict=False):
             ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
-            top = tuple((int(k), float(v.logprob)) for k, v in ranked[:top_n]) if top_n else ()
-            picked.append(TokenChoice(token_id=tid, logprob=float(entry[tid].logprob), top=top))
+            # vLLM reports a token its grammar masked as -inf: JSON cannot carry it (OpenAI's floor instead).
+            top = tuple((int(k), reportable_logprob(float(v.logprob))) for k, v in ranked[:top_n]) if top_n else ()
+            picked.append(TokenChoice(token_id=tid, logprob=reportable_logprob(float(entry[tid].logprob)), top=top))
         choices = tuple(picked)
     prompt = None
     if first:
