@@ -20,7 +20,9 @@ import psutil
 import pytest
 
 from tests.conftest import TinyFactory
+from tests.helpers import png_bytes
 from tests.server_utils import MODEL, Server, data_url, image_message, running
+from vlmbridge.engine.sharing import LARGE
 from vlmbridge.engine.worker import FAULTS_ENV
 
 IMAGE_TOKENS = 80
@@ -53,6 +55,28 @@ def test_the_engine_runs_in_its_own_process_and_sees_the_image(server: Server) -
     assert pid and pid != os.getpid() and psutil.Process(pid).ppid() == os.getpid()
     r = ask_image(server)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+
+
+def test_large_pictures_cross_in_shared_memory_and_reach_the_model(server: Server) -> None:
+    shared = server.metric("vlmbridge_worker_shared_input_bytes")
+
+    def first_token(url: str, image_tokens: int = IMAGE_TOKENS) -> dict[str, float]:
+        body = {"model": MODEL, "messages": image_message(url), "max_tokens": 1, "temperature": 0,
+                "logprobs": True, "top_logprobs": 5}  # fmt: skip
+        r = server.post(body)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == image_tokens
+        top = r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        return {t["token"]: t["logprob"] for t in top}
+
+    one, two = data_url(seed=1), data_url(seed=2)  # ~230 KB each: over sharing.LARGE
+    assert first_token(one) != first_token(two)  # two pictures, two distributions: the pixels reached the model
+    assert first_token(one) == first_token(one)
+    grown = server.metric("vlmbridge_worker_shared_input_bytes") - shared
+    sizes = [len(png_bytes(seed=s)) for s in (1, 2, 1, 1)]  # four requests above
+    assert grown == sum(sizes) and min(sizes) > LARGE
+    small = data_url(32, 32, seed=3)  # under the threshold: inline, nothing shared
+    assert first_token(small, image_tokens=64)
+    assert server.metric("vlmbridge_worker_shared_input_bytes") - shared == grown
 
 
 def test_kill_9_mid_stream_ends_the_stream_with_worker_died_and_the_worker_comes_back(server: Server) -> None:

@@ -1,11 +1,11 @@
 """An engine in its own worker process, behind the same contract: `ProcessEngine` is what the front holds.
 
-Requests go to the worker over a pipe (images as their source bytes, decoded there); outputs, acknowledgements
-and heartbeats come back on a reader thread. Supervision lives here: when the worker dies (out of memory, a
-native crash, kill -9) or stops beating, only its requests fail — with `WorkerDiedError` (503, code
-`worker_died`, the cause in the message) — and it restarts with backoff; a third crash within five minutes
-leaves the model `failed` with the cause until an operator acts (no crash loop). Unloading a model frees all of
-its memory: the process exits.
+Requests go to the worker over a Unix socket (images and videos as their source bytes, decoded there; large ones
+in shared memory, see `sharing`); outputs, acknowledgements and heartbeats come back on a reader thread.
+Supervision lives here: when the worker dies (out of memory, a native crash, kill -9) or stops beating, only its
+requests fail — with `WorkerDiedError` (503, code `worker_died`, the cause in the message) — and it restarts with
+backoff; a third crash within five minutes leaves the model `failed` with the cause until an operator acts (no
+crash loop). Unloading a model frees all of its memory: the process exits.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlmbridge.engine import sharing
 from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream, wake_streams
 from vlmbridge.engine.types import ChatMessage, EngineOutput, EngineStats, GenerationRequest
 from vlmbridge.engine.wire import decode_error, decode_output
@@ -83,6 +84,8 @@ class ProcessEngine:
         self._send_lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
+        self._sock: socket.socket | None = None  # the same socket as `_conn`: it carries shared inputs' descriptors
+        self._shared_bytes = 0  # input bytes handed over in shared memory instead of through the socket
         self._info: EngineInfo | None = None
         self._state: EngineState = "loading"
         self._reason = "starting the worker process"
@@ -174,7 +177,7 @@ class ProcessEngine:
         return self._stats.queue_depth + len(self._waiting)
 
     def stats(self) -> EngineStats:
-        return replace(self._stats, worker_pid=self.pid)
+        return replace(self._stats, worker_pid=self.pid, shared_input_bytes=self._shared_bytes)
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -189,6 +192,7 @@ class ProcessEngine:
                 proc.kill()
                 proc.wait(timeout=5)
             _kill_group(proc)  # anything the worker started and left behind
+        self._close_transport()
         self._fail_all(EngineNotReadyError("the server is shutting down", code="shutting_down"))
 
     # --- the worker's life ---------------------------------------------------------------------------------------
@@ -206,11 +210,11 @@ class ProcessEngine:
             start_new_session=True,
         )
         theirs.close()
-        front = Connection(ours.detach())
+        front = Connection(os.dup(ours.fileno()))
         with self._lock:
             self._generation += 1
             generation = self._generation
-            self._proc, self._conn = proc, front
+            self._proc, self._conn, self._sock = proc, front, ours
             self._ready = Future()
             self._state = "loading" if not self._crashes else "restarting"
             self._last_beat = time.monotonic()
@@ -220,17 +224,29 @@ class ProcessEngine:
         ).start()
         threading.Thread(target=self._watch, args=(generation,), name="vlmbridge-worker-watch", daemon=True).start()
 
+    def _close_transport(self) -> None:
+        conn, sock = self._conn, self._sock
+        self._conn = self._sock = None
+        for end in (conn, sock):
+            if end is not None:
+                with contextlib.suppress(OSError):
+                    end.close()
+
     def _send(self, message: tuple[Any, ...]) -> None:
-        conn = self._conn
-        if conn is None:
+        conn, sock = self._conn, self._sock
+        if conn is None or sock is None:
             raise EngineNotReadyError(f"model {self._name!r} has no worker: {self._reason}")
+        packed = sharing.pack(message)  # outside the lock: copying a large picture holds up no other request
         try:
             with self._send_lock:
-                conn.send(message)
+                sharing.send(sock, conn, packed)
+                self._shared_bytes += packed.shared_bytes
         except (OSError, ValueError, EOFError):
             raise WorkerDiedError(
                 f"the model's worker is gone ({self._reason}); it is restarting", code="worker_died"
             ) from None
+        finally:
+            packed.close()  # the worker holds its own descriptors now (or the worker is gone)
 
     def _read(self, conn: Connection, generation: int) -> None:
         while True:
@@ -329,6 +345,7 @@ class ProcessEngine:
     def _on_death(self, cause: str) -> None:
         log.error("model %s: %s; failing its %d request(s)", self._name, cause, len(self._streams))
         self._fail_all(WorkerDiedError(f"the model's worker died: {cause}", code="worker_died"))
+        self._close_transport()
         if self._info is None:  # it never loaded: a restart would fail the same way
             self._state, self._reason = "failed", f"the worker died while loading the model: {cause}"
             self._resolve_ready(ModelLoadError(self._reason))
@@ -343,7 +360,6 @@ class ProcessEngine:
             return
         delay = _BACKOFF_S[min(len(recent), len(_BACKOFF_S)) - 1]
         self._state, self._reason = "restarting", f"{cause}; restarting in {delay:g} s"
-        self._conn = None
         threading.Timer(delay, self._restart).start()
 
     def _restart(self) -> None:

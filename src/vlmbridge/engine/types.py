@@ -263,6 +263,7 @@ class EngineStats:
     max_batch_seen: int = 0
     caches: Mapping[str, CacheCounters] = field(default_factory=dict)
     worker_pid: int | None = None  # the engine's worker process, when it has one
+    shared_input_bytes: int = 0  # media bytes handed to the worker process in shared memory (not the socket)
     # What the engine holds on its accelerator (the CUDA allocator's reserved bytes); None on the CPU. The pool
     # counts it against the memory budget there, and the worker's PSS on the CPU.
     device_memory_bytes: int | None = None

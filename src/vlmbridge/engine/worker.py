@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlmbridge.engine import sharing
 from vlmbridge.engine.base import RequestStream
 from vlmbridge.engine.wire import encode_error, encode_output
 
@@ -66,8 +68,9 @@ def worker_main(conn: Connection, parent: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent)
     lock = threading.Lock()
+    sock = socket.socket(fileno=os.dup(conn.fileno()))  # the front's messages bring shared inputs' descriptors
     try:
-        _, model_json, path, name = conn.recv()
+        _, model_json, path, name = sharing.receive(sock, conn)
     except (EOFError, OSError):
         return
 
@@ -88,7 +91,7 @@ def worker_main(conn: Connection, parent: int) -> None:
         send(("failed", encode_error(exc)))
         return
     send(("ready", engine.info))
-    _Worker(engine, send).serve(conn)
+    _Worker(engine, send).serve(sock, conn)
 
 
 class _Worker:
@@ -107,12 +110,12 @@ class _Worker:
         if hasattr(engine, "step_done"):
             engine.step_done = self._flush
 
-    def serve(self, conn: Connection) -> None:
+    def serve(self, sock: socket.socket, conn: Connection) -> None:
         threading.Thread(target=self._beat, name="vlmbridge-beat", daemon=True).start()
         try:
             while True:
                 try:
-                    message = conn.recv()
+                    message = sharing.receive(sock, conn)
                 except (EOFError, OSError):  # the front is gone
                     break
                 kind = message[0]

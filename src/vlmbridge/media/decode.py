@@ -40,7 +40,7 @@ class DecodedImage:
         param: str = "image",
         slots: threading.Semaphore | None = None,
     ) -> None:
-        self._data = data
+        self._data: bytes | memoryview = data  # a memoryview of shared memory in a worker process (engine/sharing)
         self.format = format
         self._size = size
         self.param = param
@@ -196,7 +196,7 @@ def _orientation(img: Any) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _decode_rgb(data: bytes, scale: int, param: str) -> Any:
+def _decode_rgb(data: bytes | memoryview, scale: int, param: str) -> Any:
     """Decode `data` (already checked) to RGB: first frame, EXIF orientation applied, JPEG reduced by `scale`."""
     from PIL import Image, ImageOps
 

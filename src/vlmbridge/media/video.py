@@ -121,7 +121,7 @@ class DecodedVideo:
         param: str = "video",
         slots: threading.Semaphore | None = None,
     ) -> None:
-        self._data = data
+        self._data: bytes | memoryview = data  # a memoryview of shared memory in a worker process (engine/sharing)
         self.container = container
         self.codec = codec
         self.size = size  # (width, height) as stored; rotation shows at decode

@@ -28,6 +28,9 @@ _ENGINE_GAUGES = (
      "cancelled"),
     ("vlmbridge_decode_steps_after_cancel",
      "Decode steps requests took part in after they were cancelled (at most one each).", "steps_after_cancel"),
+    ("vlmbridge_worker_shared_input_bytes",
+     "Image and video bytes handed to the model's worker process in shared memory instead of through its socket.",
+     "shared_input_bytes"),
 )  # fmt: skip
 _CACHE_STATS = ("hits", "misses", "evictions", "bytes", "entries")
 
