@@ -64,6 +64,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 class ProcessEngine:
+    prepares_in_process = False  # the worker templates and decodes; `generate` here only waits for its answer
+
     def __init__(
         self,
         model: ModelSettings,
@@ -206,8 +208,11 @@ class ProcessEngine:
             stdin=subprocess.DEVNULL,
             env=_worker_env(self._python),
             # Its own process group: what the worker starts (vLLM's engine core and model workers) is killed with
-            # it, even after a SIGKILL that gives it no chance to clean up.
-            start_new_session=True,
+            # it, even after a SIGKILL that gives it no chance to clean up. Not its own session: Linux schedules
+            # each session as a group (autogroup), and a worker in another group got half the CPUs against the
+            # front's, while vLLM's spinning engine core (sched_yield yields only within its group) left the front
+            # unscheduled for 0.4 s at a time — requests stalled for seconds under load.
+            process_group=0,
         )
         theirs.close()
         front = Connection(os.dup(ours.fileno()))
