@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from vlmbridge.engine import sharing
 from vlmbridge.engine.base import RequestStream
 from vlmbridge.engine.wire import encode_error, encode_output
+from vlmbridge.memtrim import settle_heap
 
 if TYPE_CHECKING:
     from vlmbridge.engine.base import Engine
@@ -90,6 +91,7 @@ def worker_main(conn: Connection, parent: int) -> None:
     except BaseException as exc:  # the front reports why loading failed
         send(("failed", encode_error(exc)))
         return
+    settle_heap(full=True)  # the model lives as long as this process
     send(("ready", engine.info))
     _Worker(engine, send).serve(sock, conn)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from vlmbridge.budget import format_bytes
 from vlmbridge.errors import EngineNotReadyError, MemoryBudgetError, ModelNotFoundError, VlmbridgeError
+from vlmbridge.memtrim import settle_heap
 from vlmbridge.output.client import ModelClient
 from vlmbridge.pool.measure import idle_worker_bytes
 from vlmbridge.pool.prepare import FolderFacts, folder_facts, planned_bytes, run_doctor
@@ -259,6 +260,7 @@ class ModelPool:
             slot.load_seconds,
             format_bytes(copy.memory_bytes(), binary=True),
         )
+        settle_heap()  # the front's share of the model (its tokenizer; all of it in-process) is long-lived
         if old is not None:
             threading.Thread(target=self._drain, args=(slot, old), name=f"drain-{slot.name}", daemon=True).start()
 

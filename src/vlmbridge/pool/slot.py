@@ -18,6 +18,7 @@ from typing import Literal
 
 from vlmbridge.engine.base import Engine
 from vlmbridge.errors import EngineNotReadyError, VlmbridgeError, WorkerDiedError
+from vlmbridge.memtrim import unsettle_heap
 from vlmbridge.output.client import ModelClient
 from vlmbridge.output.pipeline import TextTools
 from vlmbridge.pool.measure import tree_pss_bytes
@@ -262,6 +263,7 @@ class EngineSlot:
         with self.lock:
             if copy in self.draining:
                 self.draining.remove(copy)
+        unsettle_heap()  # the unloaded copy's objects can go
 
     # --- what the single-model app and its tests used -----------------------------------------------------------
     @property
