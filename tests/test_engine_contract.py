@@ -33,6 +33,8 @@ SCRIPT = "Hello from the scripted engine"
 class ScriptedEngine:
     """Answers every request with SCRIPT's tokens, one per output, on a thread of its own."""
 
+    prepares_in_process = True
+
     def __init__(self, tools: TextTools) -> None:
         self.ids = tools.tokenizer.encode(SCRIPT, add_special_tokens=False)
         self.aborted: list[str] = []

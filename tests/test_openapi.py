@@ -147,6 +147,7 @@ class FullQueueEngine:
 
     state = "ready"
     state_reason = "ready"
+    prepares_in_process = True
 
     def queue_depth(self) -> int:
         return 1_000_000

@@ -160,6 +160,10 @@ def _set_all(events: list[asyncio.Event]) -> None:
 class Engine(Protocol):
     """What the front needs from a backend."""
 
+    # Whether `generate` does the request's CPU work (templating, pixels) in this process: the front then bounds how
+    # many run at once. An engine in a worker process prepares there, and the worker bounds its own.
+    prepares_in_process: bool
+
     @property
     def info(self) -> EngineInfo: ...
 

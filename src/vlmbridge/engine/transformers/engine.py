@@ -131,6 +131,8 @@ class _Queued:
 class TransformersEngine:
     """An Engine backed by a LoadedModel. Construct, then `start()`; `shutdown()` to stop the worker."""
 
+    prepares_in_process = True  # `generate` templates and processes pixels on the calling thread
+
     def __init__(
         self,
         loaded: LoadedModel,

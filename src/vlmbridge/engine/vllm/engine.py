@@ -66,6 +66,8 @@ _LATE = "the request ran past its timeout"
 
 
 class VllmEngine:
+    prepares_in_process = True  # `generate` templates and decodes pixels on the calling thread
+
     def __init__(self, model: ModelSettings, path: Path, name: str) -> None:
         self.version = check_vllm()
         import torch

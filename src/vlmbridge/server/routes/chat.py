@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -86,8 +87,11 @@ async def _start(
         life.waiting += 1
         try:
             gen_request = await to_generation_request(body, vlm.settings, vlm.load_image, vlm.load_video)
-            # Decoded pixels are reserved from the image headers before waiting for a preparation slot.
-            async with hold_images(vlm.pixel_gate, gen_request), vlm.prepare_slots:
+            # Decoded pixels are reserved from the image headers before waiting for a preparation slot (only for
+            # work in this process: a worker bounds its own, and holding a slot through its round trip would admit
+            # a burst of requests two at a time).
+            slots = vlm.prepare_slots if engine.prepares_in_process else contextlib.nullcontext()
+            async with hold_images(vlm.pixel_gate, gen_request), slots:
                 stream = await asyncio.to_thread(client.generate, gen_request)
         finally:
             life.waiting -= 1
