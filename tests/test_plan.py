@@ -192,3 +192,20 @@ def test_plan_cli_takes_the_parallel_layout(fake8b: Path, capsys: pytest.Capture
     data = json.loads(out)
     bf16 = next(r for r in data["options"] if r["option"] == "bf16")
     assert code == 0 and bf16["fits"] is True and "per GPU of 2" in bf16["note"]
+
+
+def test_the_pool_counts_vllms_share_of_the_gpu_not_the_models_plan(tiny_model: TinyFactory) -> None:
+    from vlmbridge.pool.prepare import planned_bytes
+    from vlmbridge.settings import ModelSettings
+
+    folder = tiny_model("qwen3_vl")
+    h200 = DeviceBudget(kind="cuda", name="H200", free=140 * GIB, total=140 * GIB, detail="a GPU of 140 GiB")
+    plan = planned_bytes(ModelSettings(), folder, h200)  # the transformers engine: what the model needs
+    assert plan < GIB
+    # vLLM fills gpu_memory_utilization of the GPU at start-up (its KV cache takes what the weights leave).
+    assert planned_bytes(ModelSettings(engine="vllm"), folder, h200) == int(0.9 * 140 * GIB)
+    half = ModelSettings(engine="vllm", gpu_memory_utilization=0.5)
+    assert planned_bytes(half, folder, h200) == 70 * GIB
+    ram = DeviceBudget(kind="cpu", name="RAM", free=20 * GIB, total=24 * GIB, detail="RAM")
+    on_cpu = ModelSettings(engine="vllm", vllm_cpu_kv_cache_gib=2)
+    assert planned_bytes(on_cpu, folder, ram) == plan + 2 * GIB  # on a CPU: the plan and the KV space set apart

