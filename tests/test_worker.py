@@ -53,6 +53,9 @@ def server(tiny_model: TinyFactory) -> Iterator[Server]:
 def test_the_engine_runs_in_its_own_process_and_sees_the_image(server: Server) -> None:
     pid = health(server)["worker_pid"]
     assert pid and pid != os.getpid() and psutil.Process(pid).ppid() == os.getpid()
+    # Its own process group (killed as one) in the front's session: another session is another scheduling group
+    # (autogroup), which starved the front under load.
+    assert os.getpgid(pid) == pid != os.getpgid(0) and os.getsid(pid) == os.getsid(0)
     r = ask_image(server)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
 
