@@ -9,8 +9,13 @@ before loading) run everywhere.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
 from tests.conftest import VLM_FAMILIES, TinyFactory
@@ -206,3 +211,35 @@ def test_the_vllm_engines_video_count_is_what_the_processor_builds(family: str, 
         built = inputs.prompts.build(messages)
         counted = inputs.count(messages)
         assert (counted.prompt_tokens, counted.video_tokens) == (built.prompt_tokens, built.video_tokens) != (0, 0)
+
+
+def _group_segments(pgid: int) -> set[str]:
+    """/dev/shm files that processes of group `pgid` map, read through psutil."""
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                found |= {m.path for m in proc.memory_maps() if m.path.startswith("/dev/shm/")}
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+@pytest.mark.vllm
+def test_kill_9_of_a_vllm_worker_restarts_it_and_leaves_no_shared_memory(tiny_model: TinyFactory) -> None:
+    """vLLM's message queues live in /dev/shm and outlive a SIGKILL; the front removes the dead group's."""
+    with running(tiny_model("qwen3_vl", size="tiny-vllm"), **engine_settings("vllm")) as s:
+        pid = httpx.get(f"{s.base_url}/health", timeout=10).json()["worker_pid"]
+        segments = _group_segments(pid)
+        assert segments, "vLLM's engine core and model worker map no shared memory: nothing to check"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 240
+        while True:  # the worker restarts (1 s backoff, then vLLM starts again)
+            health = httpx.get(f"{s.base_url}/health", timeout=10).json()
+            if health["status"] == "ok" and health["worker_pid"] not in (None, pid):
+                break
+            assert time.monotonic() < deadline, f"the vLLM worker did not come back: {health}"
+            time.sleep(0.5)
+        assert not [p for p in segments if os.path.exists(p)], "the killed group's segments are still in /dev/shm"
+        r = s.post({"model": MODEL, "messages": image_message(data_url()), "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0

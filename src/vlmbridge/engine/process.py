@@ -58,9 +58,36 @@ def _worker_env(python: str) -> dict[str, str] | None:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the worker's process group (the worker and every process it started)."""
+    """SIGKILL the worker's process group (the worker and every process it started), and remove the shared-memory
+    segments its processes had mapped: vLLM's message queues (`/dev/shm/psm_*`, 160-250 MB each) outlive a
+    SIGKILL, and a container's /dev/shm (64 MB by default in Docker) would soon be full of them."""
+    segments = _group_segments(proc.pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for path in segments:  # whoever still maps one keeps its memory until it exits
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _group_segments(pgid: int) -> set[str]:
+    """The /dev/shm/psm_* files (multiprocessing.shared_memory's names) that processes of group `pgid` map."""
+    found: set[str] = set()
+    if not sys.platform.startswith("linux"):
+        return found
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            with open(f"/proc/{entry.name}/maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    at = line.find("/dev/shm/psm_")
+                    if at >= 0:
+                        found.add(line[at:].split()[0])
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 class ProcessEngine:
