@@ -34,6 +34,9 @@ class _Served:
     def openai(self, api_key: str = "none") -> OpenAI:
         return OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
 
+    def post(self, body: Any, timeout: float = 120, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.v1}/chat/completions", json=body, timeout=timeout, **kwargs)
+
 
 @dataclass
 class Server(_Served):
@@ -42,9 +45,6 @@ class Server(_Served):
 
     def async_openai(self, api_key: str = "none") -> AsyncOpenAI:
         return AsyncOpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120)
-
-    def post(self, body: Any, timeout: float = 120, **kwargs: Any) -> httpx.Response:
-        return httpx.post(f"{self.v1}/chat/completions", json=body, timeout=timeout, **kwargs)
 
     def metric(self, name: str) -> float:
         keys = self.settings.api_keys  # /metrics needs the key when keys are set

@@ -144,3 +144,35 @@ def test_serve_name_path_pairs(tiny_model: TinyFactory, tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(60)
         log.close()
+
+
+def test_each_entry_admits_by_its_own_image_count_and_pixel_budget(tiny_model: TinyFactory, tmp_path: Path) -> None:
+    """The front converts a request with its model's settings: an entry's max_images and max_pixels (what its
+    engine reserved for) hold even where the server's own are wider."""
+    from tests.server_utils import data_url, running_models
+
+    folder = tiny_model("qwen3_vl")
+    file = write(tmp_path, f"""models:
+  - {{name: wide, path: {folder}}}
+  - {{name: narrow, path: {folder}, max_images: 1, max_pixels: 16384}}
+""")  # fmt: skip
+
+    def message(pictures: int) -> list[dict[str, object]]:
+        parts: list[dict[str, object]] = [{"type": "image_url", "image_url": {"url": data_url(seed=s)}}
+                                          for s in range(pictures)]  # fmt: skip
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe."}]}]
+
+    with running_models(file) as s:
+        tokens = {}
+        for name in ("wide", "narrow"):
+            r = s.post({"model": name, "messages": message(1), "max_tokens": 1})
+            assert r.status_code == 200, r.text
+            tokens[name] = r.json()["usage"]["prompt_tokens_details"]["image_tokens"]
+        assert tokens["narrow"] < tokens["wide"], tokens  # 16384 pixels against the server's default budget
+        assert s.post({"model": "wide", "messages": message(2), "max_tokens": 1}).status_code == 200
+        for path, body in (("/v1/chat/completions", {"max_tokens": 1}), ("/v1/tokenize", {})):
+            r = httpx.post(f"{s.base_url}{path}", json={"model": "narrow", "messages": message(2), **body}, timeout=60)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["code"] == "too_many_images" and "at most 1" in error["message"]
+        models = {m["id"]: m for m in httpx.get(f"{s.base_url}/v1/models", timeout=10).json()["data"]}
+        assert [models[n]["vlmbridge"]["max_images"] for n in ("wide", "narrow")] == [8, 1]

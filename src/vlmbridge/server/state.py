@@ -68,3 +68,11 @@ class AppState:
     pixel_gate: PixelGate = field(default_factory=lambda: PixelGate(1 << 34))  # decoded pixels held at once
     # The processor's CPU work (templating, image resizing) runs in threads; bound it so it cannot starve decoding.
     prepare_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+
+    def settings_for(self, slot: EngineSlot) -> Settings:
+        """The settings a request to `slot` is converted with: a models-file entry's own (image and video counts,
+        pixel and frame budgets) over the server's. The engine reserved for those, so the front admits by them."""
+        spec = slot.spec
+        if spec is None:
+            return self.settings
+        return self.settings.model_copy(update=spec.settings.model_dump())

@@ -86,7 +86,7 @@ async def _start(
     try:
         life.waiting += 1
         try:
-            gen_request = await to_generation_request(body, vlm.settings, vlm.load_image, vlm.load_video)
+            gen_request = await to_generation_request(body, vlm.settings_for(slot), vlm.load_image, vlm.load_video)
             # Decoded pixels are reserved from the image headers before waiting for a preparation slot (only for
             # work in this process: a worker bounds its own, and holding a slot through its round trip would admit
             # a burst of requests two at a time).

@@ -65,7 +65,7 @@ def _model_entry(vlm: AppState, slot: EngineSlot, created: int) -> dict[str, obj
     vision = ours["vision"]
     ours.update(
         modalities=None if vision is None else (["text", "image"] if vision else ["text"]),
-        max_images=vlm.settings.max_images,
+        max_images=settings.max_images,
         max_pixels=settings.max_pixels,
         state=slot.state,
         aliases=list(slot.names[1:]),

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlmbridge.engine.base import PromptStats
 from vlmbridge.errors import ContextLengthError
-from vlmbridge.pool import Copy
+from vlmbridge.pool import Copy, EngineSlot
 from vlmbridge.server.convert import hold_images, to_generation_request
 from vlmbridge.server.jsonbody import StrictJSONRoute
 from vlmbridge.server.routes.chat import check_text_length
@@ -50,7 +50,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     name = slot.name
     copy = await vlm.pool.acquire(slot)
     try:
-        stats, context = await _count(vlm, copy, body, name)
+        stats, context = await _count(vlm, slot, copy, body)
     finally:
         slot.release(copy)
     if stats.prompt_tokens >= context:  # what generating would answer, so a counter can trust a 200
@@ -71,7 +71,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     )
 
 
-async def _count(vlm: AppState, copy: Copy, body: TokenizeRequest, name: str) -> tuple[PromptStats, int]:
+async def _count(vlm: AppState, slot: EngineSlot, copy: Copy, body: TokenizeRequest) -> tuple[PromptStats, int]:
+    name = slot.name
     engine = copy.engine
     life = vlm.lifecycle
     life.admit(vlm.settings, engine.queue_depth())  # images are fetched and their headers read: admit first
@@ -83,7 +84,7 @@ async def _count(vlm: AppState, copy: Copy, body: TokenizeRequest, name: str) ->
     )
     life.waiting += 1
     try:
-        gen_request = await to_generation_request(chat, vlm.settings, vlm.load_image, vlm.load_video)
+        gen_request = await to_generation_request(chat, vlm.settings_for(slot), vlm.load_image, vlm.load_video)
         has_video = any(m.videos for m in gen_request.messages)
         async with vlm.prepare_slots:
             # The front's own count: no decoding, no processor, no engine time. Not for clips: how many frames a
