@@ -236,9 +236,9 @@ class ProcessEngine:
             env=_worker_env(self._python),
             # Its own process group: what the worker starts (vLLM's engine core and model workers) is killed with
             # it, even after a SIGKILL that gives it no chance to clean up. Not its own session: Linux schedules
-            # each session as a group (autogroup), and a worker in another group got half the CPUs against the
-            # front's, while vLLM's spinning engine core (sched_yield yields only within its group) left the front
-            # unscheduled for 0.4 s at a time — requests stalled for seconds under load.
+            # each session as a group (autogroup); with a worker's group against the front's, and vLLM's engine
+            # core spinning (sched_yield) in the worker's, the front went unscheduled 0.4 s at a time and requests
+            # stalled for seconds under load.
             process_group=0,
         )
         theirs.close()
