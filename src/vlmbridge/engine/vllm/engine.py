@@ -97,8 +97,6 @@ class VllmEngine:
             device="cpu" if on_cpu else "cuda",
             quantization="none",
         )
-        # The pool counts a model's device memory: vLLM's share of the GPU (our worker's own allocator holds none).
-        self._device_bytes = None if on_cpu else gpu_share(model, int(torch.cuda.mem_get_info(0)[1]))
         self._state: EngineState = "loading"
         self._reason = "starting vLLM"
         self._capacity = model.max_batch_size + model.max_queue
@@ -129,6 +127,10 @@ class VllmEngine:
                 fix="the worker's log above has vLLM's traceback (look for 'ERROR' lines from EngineCore/Worker)",
                 cause="vllm_start",
             ) from exc
+        # The pool counts a model's device memory: vLLM's share of the GPU (our worker's own allocator holds none).
+        # Read once vLLM's processes are started, from the device's properties: mem_get_info would create a CUDA
+        # context (hundreds of MB of GPU memory) in this process, which runs no kernels.
+        self._device_bytes = None if on_cpu else gpu_share(model, int(torch.cuda.get_device_properties(0).total_memory))
 
     async def _build(self, path: Path, dtype: str, is_vlm: bool, on_cpu: bool) -> Any:
         from vllm.config import StructuredOutputsConfig
