@@ -157,10 +157,14 @@ def test_each_entry_admits_by_its_own_image_count_and_pixel_budget(tiny_model: T
   - {{name: narrow, path: {folder}, max_images: 1, max_pixels: 16384}}
 """)  # fmt: skip
 
-    def message(pictures: int) -> list[dict[str, object]]:
-        parts: list[dict[str, object]] = [{"type": "image_url", "image_url": {"url": data_url(seed=s)}}
+    def message(pictures: int, seed: int = 0) -> list[dict[str, object]]:
+        parts: list[dict[str, object]] = [{"type": "image_url", "image_url": {"url": data_url(seed=seed + s)}}
                                           for s in range(pictures)]  # fmt: skip
         return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe."}]}]
+
+    def first_token(name: str, seed: int) -> object:
+        body = {"model": name, "messages": message(1, seed), "max_tokens": 1, "logprobs": True, "top_logprobs": 5}
+        return s.post(body).json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
 
     with running_models(file) as s:
         tokens = {}
@@ -169,6 +173,7 @@ def test_each_entry_admits_by_its_own_image_count_and_pixel_budget(tiny_model: T
             assert r.status_code == 200, r.text
             tokens[name] = r.json()["usage"]["prompt_tokens_details"]["image_tokens"]
         assert tokens["narrow"] < tokens["wide"], tokens  # 16384 pixels against the server's default budget
+        assert first_token("narrow", 0) != first_token("narrow", 1)  # at that budget the pixels still reach it
         assert s.post({"model": "wide", "messages": message(2), "max_tokens": 1}).status_code == 200
         for path, body in (("/v1/chat/completions", {"max_tokens": 1}), ("/v1/tokenize", {})):
             r = httpx.post(f"{s.base_url}{path}", json={"model": "narrow", "messages": message(2), **body}, timeout=60)
