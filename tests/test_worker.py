@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,21 @@ def test_the_engine_runs_in_its_own_process_and_sees_the_image(server: Server) -
     assert os.getpgid(pid) == pid != os.getpgid(0) and os.getsid(pid) == os.getsid(0)
     r = ask_image(server)
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+
+
+def test_the_workers_only_torch_thread_pool_is_its_engines(server: Server) -> None:
+    """A second OpenMP pool in the process makes every pool's workers sleep between kernels (engine/threads.py).
+    A pool's workers inherit the OS name of the thread that started it, so the names tell whose pools exist."""
+    pid = health(server)["worker_pid"]
+    assert ask_image(server).status_code == 200  # its pixels went through torch kernels on a prepare thread
+    tasks = Path(f"/proc/{pid}/task")
+    names = Counter((tasks / t / "comm").read_text().strip() for t in os.listdir(tasks))
+    main = Path(f"/proc/{pid}/comm").read_text().strip()
+    prepare = {name: n for name, n in names.items() if name.startswith("vb-prepare")}
+    assert prepare and set(prepare.values()) == {1}, names  # each prepare thread alone: no pool of its own
+    assert names[main] == 1, names  # nor the main thread (loading ran on a thread that ended)
+    cores = os.cpu_count() or 1
+    assert min(2, cores) <= names["vb-engine"] <= cores, names  # the engine thread and its pool's workers
 
 
 def test_large_pictures_cross_in_shared_memory_and_reach_the_model(server: Server) -> None:

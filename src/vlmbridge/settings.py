@@ -152,8 +152,8 @@ class ModelSettings(BaseModel):
         None,
         ge=1,
         le=1024,
-        description="CPU threads for torch when serving on CPU; default: all cores but one, which the event "
-        "loop keeps (a preempted torch thread stalls every parallel kernel).",
+        description="CPU threads for the engine's torch kernels when serving on CPU (prefill and decode); "
+        "default: all cores.",
     )
     engine_worker: Literal["process", "thread"] = Field(
         "process",

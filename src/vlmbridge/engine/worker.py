@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlmbridge.engine import sharing
 from vlmbridge.engine.base import RequestStream
+from vlmbridge.engine.threads import in_passing_thread, name_os_thread, side_thread
 from vlmbridge.engine.wire import encode_error, encode_output
 from vlmbridge.memtrim import settle_heap
 
@@ -40,6 +41,7 @@ def _die_with_parent(parent: int) -> None:
     # Polling, not PR_SET_PDEATHSIG: the kernel sends that when the *thread* that started us ends (the front starts
     # workers from short-lived loading threads), not when the front's process does.
     def watch() -> None:
+        name_os_thread()
         while os.getppid() == parent:
             time.sleep(0.5)
         if os.getpgrp() == os.getpid():  # our own group (ProcessEngine's doing): take what we started with us
@@ -84,8 +86,14 @@ def worker_main(conn: Connection, parent: int) -> None:
         from vlmbridge.settings import ModelSettings
 
         model = ModelSettings.model_validate_json(model_json).model_copy(update={"engine_worker": "thread"})
-        engine = build_engine(model, Path(path), name)
-        engine.start()
+
+        def load() -> Engine:
+            engine = build_engine(model, Path(path), name)
+            engine.start()
+            return engine
+
+        # On a thread that ends: the torch pool loading used must not outlive it (engine/threads.py).
+        engine = in_passing_thread(load, "vlmbridge-load")
         if spec := os.environ.get(FAULTS_ENV):  # after the warm-up: the fault is for a client's request
             engine.fault_hook = _fault_hook(spec)  # type: ignore[attr-defined]
     except BaseException as exc:  # the front reports why loading failed
@@ -103,7 +111,9 @@ class _Worker:
         # An engine whose `generate` mostly waits (vLLM's: until its own loop accepted the request) takes more
         # requests at once than one whose `generate` is CPU work beside its engine thread (templating, pixels).
         threads = int(getattr(engine, "admission_threads", 2))
-        self.prepare = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vlmbridge-prepare")
+        self.prepare = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="vlmbridge-prepare", initializer=side_thread
+        )
         self.stop = threading.Event()
         # Outputs made during one engine step, sent as one message when the step ends (engines that announce
         # their steps; others send each output as it comes).
@@ -135,6 +145,7 @@ class _Worker:
             self.prepare.shutdown(wait=False, cancel_futures=True)
 
     def _beat(self) -> None:
+        name_os_thread()
         while not self.stop.wait(BEAT_SECONDS):
             e = self.engine
             with contextlib.suppress(OSError, ValueError):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from vlmbridge import __version__
+from vlmbridge.engine.threads import side_thread
 from vlmbridge.media.inflight import PixelGate
 from vlmbridge.media.limits import in_flight_limit
 from vlmbridge.pool import EngineSlot, ModelPool
@@ -42,6 +44,11 @@ def create_app(settings: Settings, models: EngineSlot | ModelPool, *, load_image
         from vlmbridge.media.sources import ImageSources, policy_from_settings
         from vlmbridge.media.video_sources import VideoSources
 
+        # to_thread's threads prepare requests for an engine in this process (engine_worker: thread): they must
+        # not start torch pools of their own beside the engine's (engine/threads.py).
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="vlmbridge-front", initializer=side_thread)
+        )
         sources = None
         if load_image is None:
             sources = ImageSources(policy_from_settings(settings))

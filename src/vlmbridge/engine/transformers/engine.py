@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlmbridge.engine.base import EngineInfo, EngineState, PromptStats, RequestStream
 from vlmbridge.engine.context import new_token_budget
+from vlmbridge.engine.threads import name_os_thread
 from vlmbridge.engine.transformers.batch import RunningBatch
 from vlmbridge.engine.transformers.caches import EncoderCache, PrefixCache, PrefixHit
 from vlmbridge.engine.transformers.family import adapter_for
@@ -86,12 +87,12 @@ class EngineLimits:
 
     @classmethod
     def from_settings(cls, model: ModelSettings, *, on_cpu: bool = False) -> EngineLimits:
-        """The limits `model` asks for. On a CPU, prefills use every core (or `torch_threads`) and decode steps
-        leave one to the event loop: a token wake-up that preempts one of torch's threads stalls the whole
-        parallel kernel (measured on 2 cores: 1 thread streams ~25% faster than 2)."""
+        """The limits `model` asks for. On a CPU, prefills and decode steps use every core (or `torch_threads`).
+        Leaving a core to the front measured slower once the engine's torch pool was the process's only one
+        (engine/threads.py): on 2 cores, 1 client streamed 130-144 tokens/s on 1 thread and 150-164 on 2."""
         cores = os.cpu_count() or 2
-        threads = model.torch_threads
-        prefill_threads, decode_threads = (threads or cores, threads or max(1, cores - 1)) if on_cpu else (0, 0)
+        threads = model.torch_threads or cores
+        prefill_threads, decode_threads = (threads, threads) if on_cpu else (0, 0)
         return cls(
             context_length=model.context_length,
             default_max_new_tokens=model.max_new_tokens,
@@ -402,6 +403,7 @@ class TransformersEngine:
     # --- worker -----------------------------------------------------------------------------------------
     def _run(self) -> None:
         """The worker thread: serve until shut down; if anything else ends it, say why and answer everyone."""
+        name_os_thread()  # before its first parallel kernel: its OpenMP workers take the name too
         try:
             self._serve()
         except BaseException as exc:  # the thread ends here either way; it must not end unexplained

@@ -26,6 +26,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from vlmbridge.engine.grammar_text import MAX_PARALLEL_CALLS, grammar_text, single_token_id
+from vlmbridge.engine.threads import side_thread
 from vlmbridge.engine.types import StructuredSpec
 from vlmbridge.errors import EngineFailedError, InvalidRequestError
 
@@ -63,9 +64,11 @@ class GrammarBook:
         self._cache: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         # Two threads: one runaway build cannot hold up every other request's.
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmbridge-grammar")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmbridge-grammar", initializer=side_thread)
         # Next-token masks are computed here while the model runs its forward pass (llguidance releases the GIL).
-        self.masks = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="vlmbridge-mask")
+        self.masks = ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 2), thread_name_prefix="vlmbridge-mask", initializer=side_thread
+        )
         self._shifts = torch.arange(32, dtype=torch.int32)
         self.hits = 0
         self.misses = 0
