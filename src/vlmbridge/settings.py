@@ -133,7 +133,11 @@ class ModelSettings(BaseModel):
         8192, ge=16, le=1 << 20, description="Prompt tokens prefilled in one pass; bounds prefill memory."
     )
     batch_wait_ms: float = Field(
-        5.0, ge=0, le=1000, description="When idle, wait this long for more requests to prefill them together."
+        0.0,
+        ge=0,
+        le=1000,
+        description="When idle, wait this long for more requests to prefill them together (0: start at once; "
+        "requests that arrive later join the running batch at its next step).",
     )
     prefix_cache_mb: int = Field(
         1024, ge=0, le=1 << 20, description="MiB of finished requests' KV cache kept for follow-up turns (0 = off)."

@@ -72,7 +72,7 @@ class EngineLimits:
     # Prompt tokens prefilled in one forward pass (bounds prefill activation memory); one prompt always fits.
     max_prefill_tokens: int = 8192
     # When idle, wait this long for more requests so a burst is prefilled together.
-    batch_wait_s: float = 0.005
+    batch_wait_s: float = 0.0
     # Finished requests' KV kept for follow-up turns, and vision-encoder outputs; 0 turns a cache off.
     prefix_cache_bytes: int = 1 << 30
     encoder_cache_bytes: int = 256 << 20
@@ -442,6 +442,7 @@ class TransformersEngine:
         if admitted:
             self._threads(self.limits.prefill_threads)
             self._prefill(admitted)
+            self._end_step()  # first tokens go out now, not one decode step later
         if self._batch:
             self._threads(self.limits.decode_threads)
             self._decode_step()
