@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
 from vlmbridge.bench.client import RunResult, run_load
-from vlmbridge.bench.inprocess import in_process
+from vlmbridge.bench.inprocess import InProcessGenerate
 from vlmbridge.bench.report import Row, render_table
 from vlmbridge.bench.servers import transformers_serve, vlmbridge_serve
 from vlmbridge.bench.workload import Workload
@@ -23,6 +27,7 @@ class ThroughputPlan:
     model: Path
     clients: tuple[int, ...] = (1, 8)
     requests_per_client: int = 4
+    rounds: int = 3  # each system runs requests_per_client per client this many times, systems taking turns
     work: Workload = field(default_factory=Workload)
     systems: tuple[str, ...] = ("vlmbridge", "transformers serve", "in-process generate")
     dtype: str = "auto"
@@ -51,68 +56,40 @@ class TokenCounter:
         return len(self._tok(text, add_special_tokens=False).input_ids)
 
 
+IN_PROCESS = "in-process generate"
+
+
 def run_throughput(plan: ThroughputPlan, console: Console) -> list[Row]:
-    reference = in_process(
-        plan.model, plan.work, 1, 1, lambda _t: 0, plan.dtype, keep_text=True, device=plan.device
-    ).texts[0]
+    generate = InProcessGenerate(plan.model, plan.work, plan.dtype, plan.device)
+    reference = generate.run(1, 1, lambda _t: 0, keep_text=True).texts[0]
     count = TokenCounter(plan.model, reference, plan.work.new_tokens)
-    rows: list[Row] = []
-    fastest: list[str] = []
-    total = sum(plan.requests_per_client * c for c in plan.clients) * len(plan.systems)
-    if "in-process generate" in plan.systems:
-        total += sum(plan.requests_per_client * c for c in plan.clients) * (len(_thread_counts(plan.device)) - 1)
+    threads = _thread_counts(plan.device)
+    # Every system up at once, measured in alternating rounds, so that a noisy stretch of the machine's time hits
+    # them all alike; one at a time when the checkpoint would not fit that often in memory.
+    together = _fit_together(plan)
+    groups = [plan.systems] if together else [(s,) for s in plan.systems]
+    if not together:
+        console.print("not enough free memory for every system at once: they run one after another", style="yellow")
+        generate.close()
+    per_round = sum(plan.requests_per_client * c for c in plan.clients)
+    runs_per_round = sum(len(threads) if s == IN_PROCESS else 1 for s in plan.systems)
+    merged: dict[tuple[str, int], RunResult] = {}
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("benchmark", total=total)
-
-        def step() -> None:
-            progress.advance(task)
-
-        def load(base: str, body: dict[str, object], label: str) -> None:
-            progress.update(task, description=f"{label}: warm-up")
-            run_load(base, body, 1, 1, count)
-            for clients in plan.clients:
-                progress.update(task, description=f"{label}: {clients} client(s)")
-                result = run_load(base, body, clients, plan.requests_per_client, count, step)
-                rows.append(Row(label, clients, result))
-
-        if "vlmbridge" in plan.systems:
-            progress.update(task, description="starting vlmbridge serve")
-            with vlmbridge_serve(plan.model, "bench", "--dtype", plan.dtype, "--device", plan.device) as base:
-                load(base, plan.work.vlmbridge_body("bench"), "vlmbridge")
-        if "transformers serve" in plan.systems:
-            progress.update(task, description="starting transformers serve")
-            try:
-                with transformers_serve(plan.model, "--device", plan.device, "--dtype", plan.dtype) as base:
-                    load(base, plan.work.transformers_serve_body(str(plan.model)), "transformers serve")
-            except RuntimeError as exc:
-                console.print(f"transformers serve skipped: {exc}", style="yellow")
-        if "in-process generate" in plan.systems:
-            for clients in plan.clients:
-                progress.update(task, description=f"in-process generate: batch {clients}")
-
-                def advance(n: int = clients) -> None:
-                    progress.advance(task, n)
-
-                # The limit at its best: every torch thread count worth trying, the fastest kept (on a busy CPU,
-                # two threads can be ten times slower than one: a preempted thread stalls every parallel kernel).
-                tries: dict[int, RunResult] = {}
-                for threads in _thread_counts(plan.device):
-                    tries[threads] = in_process(
-                        plan.model, plan.work, clients, plan.requests_per_client, count, plan.dtype,
-                        on_done=advance, device=plan.device, threads=threads,
-                    )  # fmt: skip
-                best = max(tries, key=lambda t: tries[t].tokens_per_s)
-                fastest.append(
-                    f"batch {clients}: "
-                    + ", ".join(f"{t} thread(s) {r.tokens_per_s:.1f} tok/s" for t, r in sorted(tries.items()))
-                )
-                rows.append(Row("in-process generate", clients, tries[best]))
-    order = {s: i for i, s in enumerate(("vlmbridge", "transformers serve", "in-process generate"))}
-    rows.sort(key=lambda r: (r.clients, order.get(r.system, 9)))
+        task = progress.add_task("benchmark", total=per_round * runs_per_round * plan.rounds)
+        for group in groups:
+            with ExitStack() as stack:
+                runners = _start(plan, group, stack, count, generate if together else None, progress, task, console)
+                for clients in plan.clients:
+                    for r in range(plan.rounds):
+                        for label, run in runners.items():
+                            progress.update(task, description=f"{label}: {clients} client(s), round {r + 1}")
+                            _merge(merged, (label, clients), run(clients, lambda n: progress.advance(task, n)))
+    rows, fastest = _rows(plan, merged, threads)
     w = plan.work
     render_table(
         f"throughput: {plan.model.name}, {w.width}×{w.height} image, {w.new_tokens} new tokens, "
-        f"{plan.requests_per_client} requests per client",
+        f"{plan.rounds} rounds × {plan.requests_per_client} requests per client"
+        + (", alternating" if together and len(plan.systems) > 1 else ""),
         rows,
         console,
     )
@@ -124,6 +101,102 @@ def run_throughput(plan: ThroughputPlan, console: Console) -> list[Row]:
     if fastest:
         console.print("in-process generate, each batch at its fastest: " + "; ".join(fastest), style="dim")
     return rows
+
+
+Runner = Callable[[int, Callable[[int], None]], RunResult]
+
+
+def _start(
+    plan: ThroughputPlan, group: tuple[str, ...], stack: ExitStack, count: TokenCounter,
+    generate: InProcessGenerate | None, progress: Progress, task: TaskID, console: Console,
+) -> dict[str, Runner]:  # fmt: skip
+    """Bring up the group's systems; a runner per system (the in-process limit: one per torch thread count)."""
+    runners: dict[str, Runner] = {}
+    for system in group:
+        if system == IN_PROCESS:
+            progress.update(task, description="loading the model in this process")
+            gen = generate or stack.enter_context(_loaded(plan))
+            for t in _thread_counts(plan.device):
+                runners[f"{IN_PROCESS}@{t}"] = partial(_generate, gen, plan.requests_per_client, count, t)
+            continue
+        progress.update(task, description=f"starting {system}")
+        try:
+            if system == "vlmbridge":
+                base = stack.enter_context(
+                    vlmbridge_serve(plan.model, "bench", "--dtype", plan.dtype, "--device", plan.device)
+                )
+                body = plan.work.vlmbridge_body("bench")
+            else:
+                base = stack.enter_context(
+                    transformers_serve(plan.model, "--device", plan.device, "--dtype", plan.dtype)
+                )
+                body = plan.work.transformers_serve_body(str(plan.model))
+        except RuntimeError as exc:
+            console.print(f"{system} skipped: {exc}", style="yellow")
+            continue
+        run_load(base, body, 1, 1, count)  # warm-up
+        runners[system] = partial(_serve, base, body, plan.requests_per_client, count)
+    return runners
+
+
+def _generate(
+    gen: InProcessGenerate, calls: int, count: TokenCounter, threads: int, clients: int, advance: Callable[[int], None]
+) -> RunResult:  # fmt: skip
+    return gen.run(clients, calls, count, threads=threads, on_done=lambda: advance(clients))
+
+
+def _serve(
+    base: str, body: dict[str, Any], per_client: int, count: TokenCounter, clients: int, advance: Callable[[int], None]
+) -> RunResult:  # fmt: skip
+    return run_load(base, body, clients, per_client, count, lambda: advance(1))
+
+
+@contextmanager
+def _loaded(plan: ThroughputPlan) -> Iterator[InProcessGenerate]:
+    gen = InProcessGenerate(plan.model, plan.work, plan.dtype, plan.device)
+    try:
+        yield gen
+    finally:
+        gen.close()
+
+
+def _merge(merged: dict[tuple[str, int], RunResult], key: tuple[str, int], result: RunResult) -> None:
+    """Rounds add up: their records, errors and wall time (tokens/s = all tokens over all rounds' time)."""
+    into = merged.setdefault(key, RunResult(clients=result.clients, wall=0.0))
+    into.records.extend(result.records)
+    into.errors.extend(result.errors)
+    into.wall += result.wall
+
+
+def _rows(
+    plan: ThroughputPlan, merged: dict[tuple[str, int], RunResult], threads: list[int]
+) -> tuple[list[Row], list[str]]:
+    """Table rows, the in-process limit at its fastest thread count per batch, and what each count gave."""
+    rows = [Row(label, clients, r) for (label, clients), r in merged.items() if not label.startswith(IN_PROCESS)]
+    fastest: list[str] = []
+    for clients in plan.clients:
+        tries = {t: merged[(f"{IN_PROCESS}@{t}", clients)] for t in threads if (f"{IN_PROCESS}@{t}", clients) in merged}
+        if not tries:
+            continue
+        best = max(tries, key=lambda t: tries[t].tokens_per_s)
+        rows.append(Row(IN_PROCESS, clients, tries[best]))
+        fastest.append(
+            f"batch {clients}: "
+            + ", ".join(f"{t} thread(s) {r.tokens_per_s:.1f} tok/s" for t, r in sorted(tries.items()))
+        )
+    order = {s: i for i, s in enumerate(("vlmbridge", "transformers serve", IN_PROCESS))}
+    rows.sort(key=lambda r: (r.clients, order.get(r.system, 9)))
+    return rows, fastest
+
+
+def _fit_together(plan: ThroughputPlan) -> bool:
+    """Whether every system's copy of the model (each server's, and this process's) fits in free memory at once,
+    with half as much again for activations and caches."""
+    from vlmbridge.budget import device_budget
+
+    weights = sum(f.stat().st_size for f in plan.model.glob("*.safetensors"))
+    free = device_budget(plan.device).free
+    return free is None or weights * len(plan.systems) * 3 // 2 <= free
 
 
 def _thread_counts(device: str) -> list[int]:

@@ -52,7 +52,12 @@ def bench(
     ] = None,
     scenario: Annotated[str, typer.Option(help="throughput, multiturn or all.")] = "throughput",
     clients: Annotated[str, typer.Option(help="Concurrent clients, comma-separated.")] = "1,8",
-    requests_per_client: Annotated[int, typer.Option(min=1, max=1000, help="Requests each client sends.")] = 4,
+    requests_per_client: Annotated[
+        int, typer.Option(min=1, max=1000, help="Requests each client sends per round.")
+    ] = 4,
+    rounds: Annotated[
+        int, typer.Option(min=1, max=100, help="Rounds per system; the systems take turns, round by round.")
+    ] = 3,
     tokens: Annotated[int, typer.Option(min=1, max=4096, help="New tokens per request (forced).")] = 32,
     image: Annotated[str, typer.Option(help="Picture size WxH.")] = "320x240",
     skip: Annotated[
@@ -85,8 +90,8 @@ def bench(
     work = Workload(width=width, height=height, new_tokens=tokens)
     if scenario in ("throughput", "all"):
         run_throughput(
-            ThroughputPlan(model=model, clients=client_counts, requests_per_client=requests_per_client, work=work,
-                           systems=systems, dtype=dtype, device=_device(settings.device)),
+            ThroughputPlan(model=model, clients=client_counts, requests_per_client=requests_per_client,
+                           rounds=rounds, work=work, systems=systems, dtype=dtype, device=_device(settings.device)),
             out_console,
         )  # fmt: skip
     if scenario in ("multiturn", "all"):
