@@ -78,7 +78,9 @@ def run_throughput(plan: ThroughputPlan, console: Console) -> list[Row]:
         task = progress.add_task("benchmark", total=per_round * runs_per_round * plan.rounds)
         for group in groups:
             with ExitStack() as stack:
-                runners = _start(plan, group, stack, count, generate if together else None, progress, task, console)
+                runners = _start(
+                    plan, group, stack, count, threads, generate if together else None, progress, task, console
+                )
                 for clients in plan.clients:
                     for r in range(plan.rounds):
                         for label, run in runners.items():
@@ -107,7 +109,7 @@ Runner = Callable[[int, Callable[[int], None]], RunResult]
 
 
 def _start(
-    plan: ThroughputPlan, group: tuple[str, ...], stack: ExitStack, count: TokenCounter,
+    plan: ThroughputPlan, group: tuple[str, ...], stack: ExitStack, count: TokenCounter, threads: list[int],
     generate: InProcessGenerate | None, progress: Progress, task: TaskID, console: Console,
 ) -> dict[str, Runner]:  # fmt: skip
     """Bring up the group's systems; a runner per system (the in-process limit: one per torch thread count)."""
@@ -116,7 +118,7 @@ def _start(
         if system == IN_PROCESS:
             progress.update(task, description="loading the model in this process")
             gen = generate or stack.enter_context(_loaded(plan))
-            for t in _thread_counts(plan.device):
+            for t in threads:
                 runners[f"{IN_PROCESS}@{t}"] = partial(_generate, gen, plan.requests_per_client, count, t)
             continue
         progress.update(task, description=f"starting {system}")

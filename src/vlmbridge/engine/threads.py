@@ -15,6 +15,7 @@ import functools
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 __all__ = ["in_passing_thread", "name_os_thread", "os_thread_name", "side_thread", "torch_on_this_thread_only"]
@@ -63,19 +64,5 @@ def side_thread() -> None:
 
 def in_passing_thread(work: Callable[[], T], name: str) -> T:
     """`work()` on a new thread that ends when it returns, so the torch pool it used (loading is parallel) ends too."""
-    box: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        name_os_thread()
-        try:
-            box.append(work())
-        except BaseException as exc:  # re-raised on the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return box[0]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=name_os_thread) as once:
+        return once.submit(work).result()
