@@ -44,6 +44,16 @@ def ask_image(s: Server) -> httpx.Response:
     return s.post({"model": MODEL, "messages": image_message(data_url()), "max_tokens": 4})
 
 
+def first_token(s: Server, url: str, image_tokens: int = IMAGE_TOKENS) -> dict[str, float]:
+    """The first token's top choices for a picture: two pictures that reach the model give two distributions."""
+    body = {"model": MODEL, "messages": image_message(url), "max_tokens": 1, "temperature": 0,
+            "logprobs": True, "top_logprobs": 5}  # fmt: skip
+    r = s.post(body)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == image_tokens
+    top = r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    return {t["token"]: t["logprob"] for t in top}
+
+
 @pytest.fixture
 def server(tiny_model: TinyFactory) -> Iterator[Server]:
     with running(tiny_model("qwen3_vl"), engine_worker="process") as s:
@@ -57,15 +67,15 @@ def test_the_engine_runs_in_its_own_process_and_sees_the_image(server: Server) -
     # Its own process group (killed as one) in the front's session: another session is another scheduling group
     # (autogroup), which starved the front under load.
     assert os.getpgid(pid) == pid != os.getpgid(0) and os.getsid(pid) == os.getsid(0)
-    r = ask_image(server)
-    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+    assert first_token(server, data_url(seed=1)) != first_token(server, data_url(seed=2))  # the pictures reached it
 
 
 def test_the_workers_only_torch_thread_pool_is_its_engines(server: Server) -> None:
     """A second OpenMP pool in the process makes every pool's workers sleep between kernels (engine/threads.py).
     A pool's workers inherit the OS name of the thread that started it, so the names tell whose pools exist."""
     pid = health(server)["worker_pid"]
-    assert ask_image(server).status_code == 200  # its pixels went through torch kernels on a prepare thread
+    # The pixels go through torch kernels on a prepare thread, and reach the model.
+    assert first_token(server, data_url(seed=1)) != first_token(server, data_url(seed=2))
     tasks = Path(f"/proc/{pid}/task")
     names = Counter((tasks / t / "comm").read_text().strip() for t in os.listdir(tasks))
     main = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -79,22 +89,14 @@ def test_the_workers_only_torch_thread_pool_is_its_engines(server: Server) -> No
 def test_large_pictures_cross_in_shared_memory_and_reach_the_model(server: Server) -> None:
     shared = server.metric("vlmbridge_worker_shared_input_bytes")
 
-    def first_token(url: str, image_tokens: int = IMAGE_TOKENS) -> dict[str, float]:
-        body = {"model": MODEL, "messages": image_message(url), "max_tokens": 1, "temperature": 0,
-                "logprobs": True, "top_logprobs": 5}  # fmt: skip
-        r = server.post(body)
-        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == image_tokens
-        top = r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-        return {t["token"]: t["logprob"] for t in top}
-
     one, two = data_url(seed=1), data_url(seed=2)  # ~230 KB each: over sharing.LARGE
-    assert first_token(one) != first_token(two)  # two pictures, two distributions: the pixels reached the model
-    assert first_token(one) == first_token(one)
+    assert first_token(server, one) != first_token(server, two)  # two distributions: the pixels reached the model
+    assert first_token(server, one) == first_token(server, one)
     grown = server.metric("vlmbridge_worker_shared_input_bytes") - shared
     sizes = [len(png_bytes(seed=s)) for s in (1, 2, 1, 1)]  # four requests above
     assert grown == sum(sizes) and min(sizes) > LARGE
     small = data_url(32, 32, seed=3)  # under the threshold: inline, nothing shared
-    assert first_token(small, image_tokens=64)
+    assert first_token(server, small, image_tokens=64)
     assert server.metric("vlmbridge_worker_shared_input_bytes") - shared == grown
 
 
@@ -128,8 +130,7 @@ def test_kill_9_mid_stream_ends_the_stream_with_worker_died_and_the_worker_comes
         assert refused.status_code == 503 and refused.json()["error"]["code"] in ("worker_died", "model_not_ready")
     until(lambda: health(server)["status"] == "ok")
     assert health(server)["worker_pid"] != pid
-    r = ask_image(server)
-    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+    assert first_token(server, data_url(seed=1)) != first_token(server, data_url(seed=2))  # the pictures reached it
 
 
 def test_three_quick_crashes_leave_the_model_failed_with_the_cause(server: Server) -> None:
@@ -157,8 +158,7 @@ def test_a_fault_in_one_request_fails_it_alone_through_the_worker(
         first = s.post({"model": MODEL, "messages": image_message(data_url()), "max_tokens": 4})
         assert first.status_code == 500 and first.json()["error"]["code"] == "sampling_failed"
         assert health(s)["status"] == "ok"
-        r = ask_image(s)
-        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == IMAGE_TOKENS
+        assert first_token(s, data_url(seed=1)) != first_token(s, data_url(seed=2))  # the pictures reached it
 
 
 def test_sampling_extremes_and_huge_text_through_the_worker(server: Server) -> None:
@@ -169,7 +169,8 @@ def test_sampling_extremes_and_huge_text_through_the_worker(server: Server) -> N
     huge = {"model": MODEL, "messages": [{"role": "user", "content": "a" * 20_000_000}]}
     r = server.post(huge)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert ask_image(server).status_code == 200 and health(server)["status"] == "ok"
+    assert first_token(server, data_url(seed=1)) != first_token(server, data_url(seed=2))  # the pictures reached it
+    assert health(server)["status"] == "ok"
 
 
 def _free_port() -> int:
