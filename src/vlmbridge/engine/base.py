@@ -114,8 +114,9 @@ class RequestStream(Generic[T]):
         if self._ready is None:
             with self._lock:
                 self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
-        ready = self._ready
-        assert ready is not None
+        ready, loop = self._ready, self._loop
+        assert ready is not None and loop is not None
+        until = None if timeout is None else loop.time() + timeout
         while True:
             if self._ended:
                 return None
@@ -125,9 +126,18 @@ class RequestStream(Generic[T]):
                 ready.clear()
                 if not self._items.empty():  # pushed between the check and the clear
                     continue
-                # asyncio.timeout, not wait_for: wait_for wraps every wait (one per token) in a task of its own.
-                async with asyncio.timeout(timeout):
+                if until is None:
                     await ready.wait()
+                    continue
+                if loop.time() >= until:
+                    raise TimeoutError from None
+                # One timer handle that sets the event (not asyncio.timeout, or wait_for's task per wait: this runs
+                # once per streamed token); a wake-up that brings no item does not restart the clock.
+                timer = loop.call_at(until, ready.set)
+                try:
+                    await ready.wait()
+                finally:
+                    timer.cancel()
                 continue
             if item is self._END:
                 self._ended = True
