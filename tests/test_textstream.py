@@ -62,3 +62,29 @@ def test_incremental_decoder_waits_for_whole_characters(tiny_model: TinyFactory)
     pieces = [decoder.add(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+class _PythonOnlyTokenizer:
+    """A tokenizer without a Rust backend (a slow tokenizer, remote code): only `decode`, delegated."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.decode = tokenizer.decode  # type: ignore[attr-defined]
+
+
+def test_the_rust_decode_stream_and_the_python_path_show_the_same_text(tiny_model: TinyFactory) -> None:
+    import random
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model("qwen3_vl"))
+    assert isinstance(tok.backend_tokenizer, Tokenizer)  # so the first decoder below takes the Rust path
+    # Random ids split characters across tokens (byte-level pieces) and include special tokens, which are skipped.
+    rng = random.Random(7)
+    ids = [rng.randrange(len(tok)) for _ in range(2000)] + tok("商品 🐱").input_ids
+    shown: dict[str, tuple[list[str], str]] = {}
+    for name, decoder in (("rust", IncrementalDecoder(tok)), ("python", IncrementalDecoder(_PythonOnlyTokenizer(tok)))):
+        pieces = [decoder.add(i) for i in ids]
+        shown[name] = (pieces, decoder.flush())
+    assert shown["rust"] == shown["python"]
+    assert "".join(shown["rust"][0]).endswith("商品 🐱")
