@@ -5,7 +5,6 @@ processed-pixel caches), and `transformers serve`. vlmbridge's cache hits per tu
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import functools
@@ -19,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from vlmbridge.bench.client import stream_chat
+from vlmbridge.bench.client import run_async, session, stream_chat
 from vlmbridge.bench.servers import transformers_serve, vlmbridge_serve
 
 __all__ = ["NO_REUSE", "MultiTurnPlan", "pixel_cache_hits", "run_multiturn"]
@@ -61,11 +60,12 @@ def _picture(size: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def pixel_cache_hits(client: httpx.AsyncClient) -> float | None:
+async def pixel_cache_hits(client: aiohttp.ClientSession) -> float | None:
     """The server's pixel-cache hit counter (None where /metrics has none: another server, or an older one)."""
     try:
-        found = _PIXEL_HITS.search((await client.get("/metrics")).text)
-    except httpx.HTTPError:
+        async with client.get("/metrics") as response:
+            found = _PIXEL_HITS.search(await response.text())
+    except aiohttp.ClientError:
         return None
     return float(found.group(1)) if found else None
 
@@ -88,7 +88,7 @@ async def _conversation(
 ) -> _Turns:
     messages: list[dict[str, Any]] = []
     out = _Turns()
-    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+    async with session(base) as client:
         before = await pixel_cache_hits(client)
         for turn, question in enumerate(plan.turns):
             content: Any = question
@@ -151,8 +151,8 @@ def run_multiturn(plan: MultiTurnPlan, console: Console) -> dict[str, list[float
                     for run in (r for r in group if r.label in bases):
                         progress.update(task, description=f"{run.label}: conversation {repeat + 1}")
                         try:
-                            turns = asyncio.run(_conversation(bases[run.label], plan, 1000 + repeat, run.body_for))
-                        except (RuntimeError, httpx.HTTPError) as exc:
+                            turns = run_async(_conversation(bases[run.label], plan, 1000 + repeat, run.body_for))
+                        except (RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
                             console.print(f"{run.label} dropped: {exc}", style="yellow")
                             del bases[run.label]
                             continue
