@@ -177,7 +177,7 @@ def _rows(
     rows = [Row(label, clients, r) for (label, clients), r in merged.items() if not label.startswith(IN_PROCESS)]
     fastest: list[str] = []
     for clients in plan.clients:
-        tries = {t: merged[(f"{IN_PROCESS}@{t}", clients)] for t in threads if (f"{IN_PROCESS}@{t}", clients) in merged}
+        tries = {t: merged[key] for t in threads if (key := (f"{IN_PROCESS}@{t}", clients)) in merged}
         if not tries:
             continue
         best = max(tries, key=lambda t: tries[t].tokens_per_s)

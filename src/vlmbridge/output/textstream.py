@@ -27,8 +27,7 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend: Tokenizer | None = backend if isinstance(backend, Tokenizer) else None
-        self._stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
+        self._rust = (backend, DecodeStream(skip_special_tokens=True)) if isinstance(backend, Tokenizer) else None
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
@@ -38,8 +37,9 @@ class IncrementalDecoder:
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
-        if self._stream is not None and self._backend is not None:
-            piece = self._stream.step(self._backend, token_id)  # None: an incomplete character, held back
+        if self._rust is not None:
+            backend, stream = self._rust
+            piece = stream.step(backend, token_id)  # None: an incomplete character, held back
             if piece is None:
                 return ""
             self._prefix, self._read = self._read, len(self._ids)
